@@ -1,0 +1,44 @@
+"""hpcshare: Dask on MPI ranks with large read-only inputs held once per node.
+
+Inputs are placed once per node in MPI-3 shared memory before Dask starts;
+tasks receive small :class:`Handle` objects and resolve them into read-only,
+zero-copy NumPy views of their node's copy.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("hpcshare")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    __version__ = "0.0.0+unknown"
+
+from .arrays import dask_array
+from .errors import (
+    CapacityError,
+    ConfigError,
+    HpcshareError,
+    InputError,
+    JobFailed,
+    ResolveError,
+    TopologyError,
+)
+from .handles import Handle
+from .loaders import Fill
+from .runtime import run
+
+__all__ = [
+    "CapacityError",
+    "ConfigError",
+    "Fill",
+    "Handle",
+    "HpcshareError",
+    "InputError",
+    "JobFailed",
+    "ResolveError",
+    "TopologyError",
+    "__version__",
+    "dask_array",
+    "run",
+]

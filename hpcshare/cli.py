@@ -1,0 +1,181 @@
+"""Command line: ``python -m hpcshare job|info``. Parses arguments, calls the runtime."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import sys
+import traceback
+from collections.abc import Sequence
+from typing import Any
+
+from dask.utils import parse_bytes
+
+from . import __version__
+
+__all__ = ["main"]
+
+
+@dataclasses.dataclass(frozen=True)
+class JobArgs:
+    """What ``hpcshare job`` was asked to do."""
+
+    jobfile: str | None
+    inputs: tuple[tuple[str, str], ...]
+    options: tuple[tuple[str, Any], ...]
+    demo_size: int
+    demo_tasks: int
+
+
+def _size(text: str) -> int:
+    try:
+        value = int(parse_bytes(text))
+    except (ValueError, TypeError):
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 256MiB or 1GiB)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
+    return value
+
+
+def _input(text: str) -> tuple[str, str]:
+    name, sep, source = text.partition("=")
+    if not sep or not name or not source:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not NAME=SOURCE; e.g. grid=data.h5:/grid, lut=table.npy, x=mymod:make"
+        )
+    return name.strip(), source.strip()
+
+
+def _parser() -> argparse.ArgumentParser:
+    from .demo import DEFAULT_TASKS
+
+    p = argparse.ArgumentParser(
+        prog="hpcshare",
+        description="Run Dask on MPI ranks with large read-only inputs held once per node.",
+    )
+    p.add_argument("--version", action="version", version=f"hpcshare {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    job = sub.add_parser(
+        "job",
+        help="run a job (under mpirun/srun)",
+        description=(
+            "Place every input once per node in MPI shared memory, start Dask "
+            "(rank 0 scheduler, rank 1 client, other ranks workers) and run the "
+            "JOBFILE's main(client, inputs) on the client. Without JOBFILE, run "
+            "the built-in demo job. Needs at least 3 ranks."
+        ),
+    )
+    job.add_argument(
+        "jobfile", nargs="?", metavar="JOBFILE", help="Python file defining main(client, inputs)"
+    )
+    job.add_argument(
+        "--input",
+        "-i",
+        dest="inputs",
+        action="append",
+        default=[],
+        type=_input,
+        metavar="NAME=SOURCE",
+        help="an input: path.npy, path.h5:/dataset, module:function or path.py:function (repeatable)",
+    )
+    job.add_argument(
+        "--ranks-per-node", type=_positive, metavar="K", help="emulate nodes of K ranks on one machine"
+    )
+    job.add_argument(
+        "--readers",
+        type=_positive,
+        metavar="N",
+        help="ranks per node that read a file in parallel (default: auto)",
+    )
+    job.add_argument("--nthreads", type=_positive, metavar="N", help="threads per Dask worker (default 1)")
+    job.add_argument("--memory-limit", metavar="SIZE", help="private memory per worker (default: auto)")
+    job.add_argument(
+        "--quiet", "-q", action="store_true", default=None, help="no progress lines or memory report"
+    )
+    job.add_argument(
+        "--demo-size",
+        type=_size,
+        default="256MiB",
+        metavar="SIZE",
+        help="demo job only: input size (default 256MiB)",
+    )
+    job.add_argument(
+        "--demo-tasks",
+        type=_positive,
+        default=DEFAULT_TASKS,
+        metavar="N",
+        help=f"demo job only: tasks (default {DEFAULT_TASKS})",
+    )
+
+    sub.add_parser(
+        "info",
+        help="show topology, MPI library and shared memory",
+        description="Show hosts, ranks per node, roles, MPI library and /dev/shm.",
+    )
+    return p
+
+
+def parse_job(ns: argparse.Namespace) -> JobArgs:
+    options = {
+        "ranks_per_node": ns.ranks_per_node,
+        "readers": ns.readers,
+        "nthreads": ns.nthreads,
+        "memory_limit": ns.memory_limit,
+        "quiet": ns.quiet,
+    }
+    return JobArgs(
+        jobfile=ns.jobfile,
+        inputs=tuple(ns.inputs),
+        options=tuple((k, v) for k, v in options.items() if v is not None),
+        demo_size=ns.demo_size if isinstance(ns.demo_size, int) else _size(ns.demo_size),
+        demo_tasks=ns.demo_tasks,
+    )
+
+
+def _job(args: JobArgs) -> int:
+    from . import _sync, runtime
+    from .demo import INPUT_NAME, demo_input, demo_main
+    from .errors import HpcshareError
+
+    inputs: dict[str, Any] = dict(args.inputs)
+    main: Any = args.jobfile
+    if args.jobfile is None:
+        main = functools.partial(demo_main, tasks=args.demo_tasks)
+        inputs.setdefault(INPUT_NAME, functools.partial(demo_input, args.demo_size))
+    try:
+        runtime.run(main, inputs, **dict(args.options))
+    except HpcshareError as exc:
+        if _sync.origin_of(exc) is None:
+            print(f"hpcshare: error: {exc}", file=sys.stderr, flush=True)
+        if not _sync.agreed(exc):
+            runtime.abort(code=1)
+        return 1
+    except Exception as exc:
+        if _sync.origin_of(exc) is None:
+            traceback.print_exc()
+        if not _sync.agreed(exc):
+            runtime.abort(code=1)
+        return 1
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m hpcshare`` and the ``hpcshare`` command."""
+    ns = _parser().parse_args(argv)
+    if ns.command == "job":
+        return _job(parse_job(ns))
+    from .info import print_info
+
+    return print_info()

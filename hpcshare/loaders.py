@@ -1,0 +1,351 @@
+"""Input sources: learn an array's metadata, then read it straight into a window.
+
+SOURCE strings:
+
+- ``path.npy``: a NumPy file, read with its header's offset, no staging copy;
+- ``path.h5:/dataset`` (also .hdf5, .hdf, .he5, .nc, .nc4): an HDF5 dataset,
+  read with h5py's ``read_direct`` (chunked and compressed datasets too);
+- ``module:function`` or ``path.py:function``: a function called with no
+  arguments on one rank; it returns an array, or a :class:`Fill` that
+  describes the array and fills the shared buffer it is given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from .errors import InputError
+
+__all__ = ["ArrayMeta", "Fill", "Source", "parse_source"]
+
+HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".he5", ".nc", ".nc4")
+_NAME_OK = "letters, digits, '_', '-' and '.'"
+
+
+@dataclasses.dataclass(frozen=True)
+class ArrayMeta:
+    """Shape, dtype and memory order of an input."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    order: str = "C"
+    #: where the data starts in the file (.npy)
+    data_offset: int = 0
+    #: rows that slab boundaries keep together (an HDF5 dataset's chunk rows)
+    align_rows: int = 1
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+
+@dataclasses.dataclass(frozen=True)
+class Fill:
+    """What a function source returns to fill the shared buffer itself.
+
+    ``fill(out)`` receives a writable array of ``shape`` and ``dtype`` (in
+    ``order``) that lives in the node's shared window, and writes the data into
+    it: the input never exists in private memory.
+
+    Examples
+    --------
+    >>> def make_grid():
+    ...     rng = np.random.default_rng(0)
+    ...     return Fill((4096, 4096), "f8", lambda out: rng.random(out=out))
+    """
+
+    shape: tuple[int, ...]
+    dtype: Any
+    fill: Callable[[np.ndarray], Any]
+    order: str = "C"
+
+
+def check_dtype(name: str, dtype: np.dtype, where: str) -> None:
+    """Refuse dtypes that cannot live in shared memory (local)."""
+    if dtype.hasobject:
+        raise InputError(
+            f"input {name!r} ({where}) has dtype {dtype}, which holds Python objects "
+            "(pointers into one process's heap) and cannot live in shared memory. "
+            "Convert it to a fixed-size dtype first: fixed-width strings ('S16', 'U16') "
+            "instead of variable-length ones, numbers instead of objects."
+        )
+
+
+def _valid_name(name: str) -> None:
+    if not name or not all(c.isalnum() or c in "_-." for c in name):
+        raise InputError(f"input name {name!r} is not valid: use {_NAME_OK}")
+
+
+class Source:
+    """Base class of input sources.
+
+    ``describe`` runs on one rank; ``read_slab`` runs on the node's readers,
+    each for its own byte or row range. Sources are picklable so every rank
+    gets the same one.
+    """
+
+    name: str
+    text: str
+    #: whether the node's ranks may read disjoint parts in parallel
+    parallel: bool = True
+
+    def describe(self) -> ArrayMeta:
+        raise NotImplementedError
+
+    def slabs(self, meta: ArrayMeta, n: int) -> list[tuple[int, int]]:
+        """Split the input into at most ``n`` disjoint byte ranges (local)."""
+        return _split(meta.nbytes, n, 1 << 16)
+
+    def read_slab(self, meta: ArrayMeta, out: np.ndarray, start: int, stop: int) -> None:
+        """Read bytes ``start:stop`` of the array into ``out`` (the whole window, uint8)."""
+        raise NotImplementedError
+
+
+def _split(total: int, n: int, align: int) -> list[tuple[int, int]]:
+    """Cut ``range(total)`` into at most ``n`` ranges whose inner bounds are multiples of ``align``."""
+    if total <= 0:
+        return []
+    step = -(-total // max(n, 1))
+    step = -(-step // align) * align
+    return [(a, min(a + step, total)) for a in range(0, total, step)]
+
+
+class NpySource(Source):
+    """A ``.npy`` file, read from its header's data offset straight into the window."""
+
+    def __init__(self, name: str, path: str, text: str) -> None:
+        self.name, self.path, self.text = name, path, text
+
+    def describe(self) -> ArrayMeta:
+        from numpy.lib import format as npformat
+
+        try:
+            with open(self.path, "rb") as f:
+                version = npformat.read_magic(f)
+                if version == (1, 0):
+                    shape, fortran, dtype = npformat.read_array_header_1_0(f)
+                else:  # 2.0 and 3.0 share the header layout; 3.0 is UTF-8
+                    shape, fortran, dtype = npformat.read_array_header_2_0(f)
+                offset = f.tell()
+                size = os.fstat(f.fileno()).st_size
+        except FileNotFoundError:
+            raise InputError(
+                f"input {self.name!r}: file {self.path!r} does not exist "
+                f"(cwd {os.getcwd()}); give a path every rank can read"
+            ) from None
+        except (OSError, ValueError) as exc:
+            raise InputError(
+                f"input {self.name!r}: {self.path!r} is not a readable .npy file: {exc}"
+            ) from None
+        check_dtype(self.name, dtype, self.path)
+        meta = ArrayMeta(tuple(shape), dtype, "F" if fortran and len(shape) > 1 else "C", data_offset=offset)
+        if size < offset + meta.nbytes:
+            raise InputError(
+                f"input {self.name!r}: {self.path!r} is truncated: its header says "
+                f"{meta.nbytes} data bytes, the file holds {size - offset}"
+            )
+        return meta
+
+    def read_slab(self, meta: ArrayMeta, out: np.ndarray, start: int, stop: int) -> None:
+        view = memoryview(out)[start:stop]  # type: ignore[arg-type]
+        with open(self.path, "rb", buffering=0) as f:
+            fd = f.fileno()
+            pos = 0
+            while pos < len(view):
+                got = os.preadv(fd, [view[pos : pos + (1 << 26)]], meta.data_offset + start + pos)
+                if got <= 0:
+                    raise InputError(f"input {self.name!r}: {self.path!r} ended early (was it truncated?)")
+                pos += got
+
+
+class Hdf5Source(Source):
+    """An HDF5 dataset, read with ``Dataset.read_direct`` into the window."""
+
+    def __init__(self, name: str, path: str, dataset: str, text: str) -> None:
+        self.name, self.path, self.dataset, self.text = name, path, dataset, text
+
+    def _open(self) -> Any:
+        import h5py
+
+        try:
+            return h5py.File(self.path, "r")
+        except FileNotFoundError:
+            raise InputError(
+                f"input {self.name!r}: file {self.path!r} does not exist "
+                f"(cwd {os.getcwd()}); give a path every rank can read"
+            ) from None
+        except OSError as exc:
+            raise InputError(f"input {self.name!r}: cannot open {self.path!r} as HDF5: {exc}") from None
+
+    def describe(self) -> ArrayMeta:
+        import h5py
+
+        with self._open() as f:
+            obj = f.get(self.dataset)
+            if not isinstance(obj, h5py.Dataset):
+                found: list[str] = []
+                f.visititems(lambda n, o: found.append("/" + n) if isinstance(o, h5py.Dataset) else None)
+                what = "is a group, not a dataset" if obj is not None else "does not exist"
+                listing = ", ".join(found[:20]) or "none"
+                raise InputError(
+                    f"input {self.name!r}: dataset {self.dataset!r} {what} in {self.path!r}; "
+                    f"datasets there: {listing}. Write the source as {self.path}:/path/to/dataset"
+                )
+            if obj.shape is None:
+                raise InputError(
+                    f"input {self.name!r}: dataset {self.dataset!r} in {self.path!r} is empty (null dataspace)"
+                )
+            dtype = obj.dtype
+            check_dtype(self.name, dtype, f"{self.path}:{self.dataset}")
+            return ArrayMeta(tuple(obj.shape), dtype, "C", align_rows=obj.chunks[0] if obj.chunks else 1)
+
+    @staticmethod
+    def _row_bytes(meta: ArrayMeta) -> int:
+        return meta.nbytes // meta.shape[0]
+
+    def slabs(self, meta: ArrayMeta, n: int) -> list[tuple[int, int]]:
+        # Whole rows, aligned to the dataset's chunks so no chunk is decompressed twice.
+        if not meta.shape or meta.nbytes == 0:
+            return [(0, meta.nbytes)] if meta.nbytes else []
+        rows = _split(meta.shape[0], n, meta.align_rows)
+        rb = self._row_bytes(meta)
+        return [(a * rb, b * rb) for a, b in rows]
+
+    def read_slab(self, meta: ArrayMeta, out: np.ndarray, start: int, stop: int) -> None:
+        arr = out[: meta.nbytes].view(meta.dtype).reshape(meta.shape)
+        with self._open() as f:
+            ds = f[self.dataset]
+            if not meta.shape:
+                ds.read_direct(arr)
+                return
+            rb = self._row_bytes(meta)
+            a, b = start // rb, stop // rb
+            ds.read_direct(arr, source_sel=np.s_[a:b], dest_sel=np.s_[a:b])
+
+
+class FunctionSource(Source):
+    """A function called on one rank; its array is copied (or filled) into the window."""
+
+    parallel = False
+
+    def __init__(
+        self, name: str, target: str, func: str, text: str, obj: Callable[[], Any] | None = None
+    ) -> None:
+        self.name, self.target, self.func, self.text = name, target, func, text
+        self._obj = obj
+        self._result: np.ndarray | Fill | None = None
+
+    def _load(self) -> Callable[[], Any]:
+        if self._obj is not None:
+            return self._obj
+        if self.target.endswith(".py"):
+            if not os.path.isfile(self.target):
+                raise InputError(
+                    f"input {self.name!r}: file {self.target!r} does not exist (cwd {os.getcwd()})"
+                )
+            modname = "_hpcshare_src_" + "".join(c if c.isalnum() else "_" for c in self.target)
+            spec = importlib.util.spec_from_file_location(modname, self.target)
+            assert spec is not None and spec.loader is not None
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[modname] = module
+            try:
+                spec.loader.exec_module(module)
+            except Exception as exc:
+                raise InputError(
+                    f"input {self.name!r}: importing {self.target!r} failed: {type(exc).__name__}: {exc}"
+                ) from exc
+        else:
+            try:
+                module = importlib.import_module(self.target)
+            except ImportError as exc:
+                raise InputError(
+                    f"input {self.name!r}: cannot import module {self.target!r} ({exc}); "
+                    "install it, add its folder to PYTHONPATH, or write path/to/file.py:function"
+                ) from exc
+        func = getattr(module, self.func, None)
+        if not callable(func):
+            raise InputError(f"input {self.name!r}: {self.target!r} has no function {self.func!r}")
+        return func  # type: ignore[no-any-return]
+
+    def describe(self) -> ArrayMeta:
+        func = self._load()
+        result = func()
+        if isinstance(result, Fill):
+            dtype = np.dtype(result.dtype)
+            shape = tuple(int(s) for s in np.atleast_1d(np.asarray(result.shape, dtype=np.int64)))
+            order = result.order.upper()
+            if order not in ("C", "F"):
+                raise InputError(f"input {self.name!r}: Fill order must be 'C' or 'F', got {result.order!r}")
+            check_dtype(self.name, dtype, self.text)
+            self._result = result
+            return ArrayMeta(shape, dtype, order if len(shape) > 1 else "C")
+        if not isinstance(result, np.ndarray):
+            try:
+                result = np.asarray(result)
+            except Exception as exc:
+                raise InputError(
+                    f"input {self.name!r}: {self.text} returned {type(result).__name__}, not an array"
+                ) from exc
+        check_dtype(self.name, result.dtype, self.text)
+        order = (
+            "F" if result.ndim > 1 and result.flags.f_contiguous and not result.flags.c_contiguous else "C"
+        )
+        self._result = result
+        return ArrayMeta(result.shape, result.dtype, order)
+
+    def fill(self, meta: ArrayMeta, out: np.ndarray) -> None:
+        """Write the data into ``out`` (the window's bytes) on the rank that described it."""
+        arr = out[: meta.nbytes].view(meta.dtype).reshape(meta.shape, order=meta.order)  # type: ignore[call-overload]
+        result, self._result = self._result, None
+        if isinstance(result, Fill):
+            result.fill(arr)
+        elif result is not None:
+            np.copyto(arr, result, casting="no")
+        else:  # pragma: no cover - describe() always runs first
+            raise RuntimeError("fill() before describe()")
+
+
+def parse_source(spec: str) -> Source:
+    """Parse ``NAME=SOURCE`` into a :class:`Source` (local, touches no file)."""
+    name, sep, text = spec.partition("=")
+    if not sep:
+        raise InputError(
+            f"input {spec!r} has no name: write NAME=SOURCE, e.g. grid=data.h5:/grid or lut=table.npy"
+        )
+    return source_for(name.strip(), text.strip())
+
+
+def source_for(name: str, text: Any) -> Source:
+    """A :class:`Source` for input ``name`` from a SOURCE string or a callable (local)."""
+    _valid_name(name)
+    if callable(text):
+        module = getattr(text, "__module__", "?")
+        qualname = getattr(text, "__qualname__", repr(text))
+        return FunctionSource(name, module, qualname, f"{module}:{qualname}", obj=text)
+    if isinstance(text, os.PathLike):
+        text = os.fspath(text)
+    if not isinstance(text, str) or not text:
+        raise InputError(f"input {name!r}: SOURCE must be a non-empty string, got {text!r}")
+    path, colon, rest = text.rpartition(":")
+    if colon and rest.startswith("/") and path.lower().endswith(HDF5_SUFFIXES):
+        return Hdf5Source(name, path, rest, text)
+    if text.lower().endswith(HDF5_SUFFIXES):
+        raise InputError(
+            f"input {name!r}: {text!r} names an HDF5 file but no dataset; write {text}:/path/to/dataset"
+        )
+    if text.lower().endswith(".npy"):
+        return NpySource(name, text, text)
+    if colon and path and rest.isidentifier():
+        return FunctionSource(name, path, rest, text)
+    raise InputError(
+        f"input {name!r}: cannot tell what kind of source {text!r} is. Use path.npy, "
+        "path.h5:/dataset, module:function or path.py:function"
+    )

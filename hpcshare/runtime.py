@@ -1,0 +1,317 @@
+"""The runtime: roles and lifetimes of one job, from placement to teardown.
+
+Order of setup: topology, placement (one copy per node), Dask through
+dask-mpi (rank 0 scheduler, rank 1 client running ``main``, other ranks
+in-process workers). Teardown runs in reverse: Dask stops, the memory report
+is measured, windows are freed, communicators are freed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import sys
+import traceback
+import uuid
+import warnings
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from distributed.diagnostics.plugin import WorkerPlugin
+
+from . import _sync
+from .config import JobConfig
+from .errors import ConfigError, HpcshareError, JobFailed
+from .handles import Handle, _registry
+from .loaders import source_for
+from .placement import Placement, place_inputs
+from .report import format_report, measure_rank, node_memory_total, summarize
+from .topology import CLIENT_RANK, Topology, check_world
+
+if TYPE_CHECKING:
+    from distributed import Client
+    from mpi4py import MPI
+
+__all__ = ["abort", "load_main", "run"]
+
+MainFunction = Callable[["Client", Mapping[str, Handle]], Any]
+
+
+def _mpi_shm_files() -> list[str]:
+    """Files in /dev/shm that this process maps and that still have a name."""
+    found = set()
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                path = line.split(maxsplit=5)[-1].strip()
+                if path.startswith("/dev/shm/") and not path.endswith("(deleted)"):
+                    found.add(path)
+    except OSError:
+        pass
+    return sorted(found)
+
+
+def abort(comm: MPI.Comm | None = None, code: int = 1) -> None:
+    """End the whole MPI job now with ``code`` (local; does not return).
+
+    Named shared-memory files this process maps are unlinked first, since
+    ranks killed by an abort cannot remove them (MPICH leaves its
+    ``mpich_shm_*`` segment behind otherwise). Other ranks keep their
+    mappings until they exit.
+    """
+    for path in _mpi_shm_files():
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+    sys.stdout.flush()
+    sys.stderr.flush()
+    from mpi4py import MPI
+
+    (comm or MPI.COMM_WORLD).Abort(code)
+
+
+def _idle_comm(comm: MPI.Intracomm, timeout: float) -> MPI.Intracomm:
+    """``comm`` with idle ``bcast`` and ``Barrier``, for dask-mpi's start-up handshake.
+
+    dask-mpi's ranks wait in a blocking broadcast while the scheduler starts;
+    with MPICH that spins a core per rank. Same handle, not a duplicate.
+    """
+    from mpi4py import MPI
+
+    class IdleComm(MPI.Intracomm):
+        def bcast(self, obj: Any = None, root: int = 0) -> Any:
+            _sync.barrier(self, timeout=timeout, what="the Dask scheduler to start")
+            return super().bcast(obj, root=root)
+
+        def Barrier(self) -> None:  # noqa: N802 - mpi4py's name
+            _sync.barrier(self, timeout=timeout, what="the Dask cluster to start")
+
+    return IdleComm(comm)
+
+
+class _ViewGuard(WorkerPlugin):
+    """Worker plugin: warn when a task's result is a view of a shared input.
+
+    Dask's ``sizeof`` of such a view is its full size: the worker would count
+    node-shared bytes as its own, and might spill or send them to another
+    worker. Tasks should return derived results.
+    """
+
+    name = "hpcshare-view-guard"
+
+    def setup(self, worker: Any) -> None:
+        self.worker = worker
+        self.warned: set[str] = set()
+
+    def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
+        if finish != "memory":
+            return
+        data = getattr(self.worker.data, "fast", self.worker.data)
+        try:
+            value = data.get(key)
+        except Exception:
+            return
+        if not isinstance(value, np.ndarray) or value.nbytes == 0:
+            return
+        for name, (_, shared) in list(_registry.items()):
+            if name not in self.warned and np.may_share_memory(value, shared):
+                self.warned.add(name)
+                warnings.warn(
+                    f"task {key!r} returned a view of shared input {name!r}: Dask counts its "
+                    f"{value.nbytes} bytes as this worker's memory and may copy them to other "
+                    "workers. Return a derived result, or np.array(view) if a copy is meant.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+
+
+def _memory_limit(topo: Topology, config: JobConfig, shared: int) -> int:
+    """Dask's memory limit for each worker: private budget plus the node's shared bytes."""
+    workers_here = topo.host.allreduce(1 if topo.role == "worker" else 0)
+    if config.memory_limit is not None:
+        private = config.memory_limit
+    else:
+        nodes_here = topo.host.allreduce(1 if topo.is_leader else 0)
+        private = max(node_memory_total() - shared * nodes_here, 0) // max(workers_here, 1)
+    return private + shared
+
+
+def _client_main(
+    main: MainFunction, handles: Mapping[str, Handle], n_workers: int, config: JobConfig
+) -> tuple[Any, BaseException | None]:
+    """Run ``main`` on the client rank, then shut the cluster down (local)."""
+    from distributed import Client
+
+    result: Any = None
+    error: BaseException | None = None
+    client = Client(timeout=config.shutdown_timeout)
+    try:
+        client.wait_for_workers(n_workers, timeout=config.shutdown_timeout)
+        client.register_plugin(_ViewGuard(), name=_ViewGuard.name)
+        try:
+            result = main(client, dict(handles))
+        except Exception as exc:
+            traceback.print_exc()
+            sys.stderr.flush()
+            error = JobFailed(
+                f"the job's main raised {type(exc).__name__}: {exc} (traceback above, from the client rank)"
+            )
+    except Exception as exc:
+        error = exc
+    finally:
+        _quiet_shutdown()
+        try:
+            client.shutdown()
+        except Exception:
+            pass
+        client.close()
+    return result, error
+
+
+def _quiet_shutdown() -> None:
+    """Silence the tracebacks Dask logs while its comms close at the end of a job."""
+    for name in ("distributed", "tornado", "asyncio"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def _run_dask(
+    topo: Topology, config: JobConfig, main: MainFunction, placement: Placement
+) -> tuple[Any, BaseException | None]:
+    """Start Dask with dask-mpi, run ``main`` on the client, stop (collective on world)."""
+    import dask
+    from dask_mpi import initialize
+
+    logging.getLogger("distributed").setLevel(config.dask_log_level.upper())
+    limit = _memory_limit(topo, config, placement.nbytes)
+    before = dask.config.get("scheduler-address", None)
+    try:
+        is_client = initialize(
+            comm=_idle_comm(topo.world, config.shutdown_timeout),
+            exit=False,
+            nthreads=config.nthreads,
+            memory_limit=limit,
+            dashboard_address=config.dashboard_address,
+            worker_options={"name": f"rank-{topo.rank}"},
+        )
+        if is_client:
+            return _client_main(main, placement.handles, topo.size - 2, config)
+        return None, None
+    except Exception as exc:
+        return None, exc
+    finally:
+        dask.config.set({"scheduler-address": before})
+        if before is None:
+            dask.config.config.pop("scheduler-address", None)
+
+
+def _report(topo: Topology, placement: Placement, config: JobConfig) -> None:
+    """Measure every rank and print the memory report on world rank 0 (collective)."""
+    mine = measure_rank(topo.rank, topo.hostname, topo.node_index, topo.role)
+    _sync.barrier(topo.world, timeout=config.shutdown_timeout, what="all ranks at the end of the job")
+    ranks = topo.world.gather(mine, root=0)
+    if topo.rank == 0 and not config.quiet and ranks:
+        print(format_report(summarize(ranks, placement.nbytes), len(placement.inputs)), flush=True)
+
+
+def load_main(main: MainFunction | str | os.PathLike[str] | None) -> MainFunction:
+    """The job's ``main``: a callable, a JOBFILE path, or ``None`` for the demo (local).
+
+    A JOBFILE is imported as module ``hpcshare_job`` on every rank, so the
+    functions it defines can be sent to workers by reference; keep the work in
+    ``main``, not at the file's top level.
+    """
+    if main is None:
+        from .demo import demo_main
+
+        return demo_main
+    if callable(main):
+        return main
+    path = os.fspath(main)
+    if not os.path.isfile(path):
+        raise ConfigError(f"job file {path!r} does not exist (cwd {os.getcwd()})")
+    spec = importlib.util.spec_from_file_location("hpcshare_job", path)
+    if spec is None or spec.loader is None:
+        raise ConfigError(f"job file {path!r} is not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["hpcshare_job"] = module
+    sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
+    spec.loader.exec_module(module)
+    func = getattr(module, "main", None)
+    if not callable(func):
+        raise ConfigError(
+            f"job file {path!r} defines no function main(client, inputs); add one: it runs "
+            "on the client rank with a distributed.Client and a dict of input handles"
+        )
+    return func  # type: ignore[no-any-return]
+
+
+def run(
+    main: MainFunction | str | os.PathLike[str] | None = None,
+    inputs: Mapping[str, Any] | None = None,
+    *,
+    comm: MPI.Intracomm | None = None,
+    **options: Any,
+) -> Any:
+    """Place ``inputs`` once per node, start Dask, run ``main(client, handles)``.
+
+    Collective: every rank of ``comm`` (default ``MPI.COMM_WORLD``) calls it
+    with the same arguments. Rank 0 becomes the Dask scheduler, rank 1 the
+    client that runs ``main``, every other rank an in-process worker.
+
+    Parameters
+    ----------
+    main : callable(client, inputs), path, or None
+        Runs on the client rank with a connected ``distributed.Client`` and a
+        dict mapping each input name to its :class:`Handle`. A path names a
+        JOBFILE defining ``main``; ``None`` runs the built-in demo job.
+    inputs : mapping of str to SOURCE
+        ``"path.npy"``, ``"path.h5:/dataset"``, ``"module:function"``,
+        ``"path.py:function"``, or a callable returning an array or a
+        :class:`~hpcshare.Fill`.
+    comm : mpi4py.MPI.Intracomm, optional
+        The job's ranks; at least 3.
+    **options
+        Any of :class:`~hpcshare.config.JobConfig`'s fields, e.g.
+        ``ranks_per_node=3``; unset ones come from Dask config (``hpcshare.*``).
+
+    Returns
+    -------
+    What ``main`` returned, on the client rank; ``None`` on the other ranks.
+
+    Raises
+    ------
+    HpcshareError
+        On every rank, with the same message, when the job cannot start or
+        ``main`` raised (:class:`~hpcshare.JobFailed`). Nothing is left in
+        shared memory either way.
+    """
+    from mpi4py import MPI
+
+    world = MPI.COMM_WORLD if comm is None else comm
+    with _sync.Collective(world):
+        config = JobConfig.from_options(**options)
+        check_world(world)
+        job = load_main(main)
+        sources = [source_for(name, src) for name, src in (inputs or {}).items()]
+        if len({s.name for s in sources}) != len(sources):  # pragma: no cover - mapping keys are unique
+            raise HpcshareError("input names must be unique")
+    topo = Topology.create(world, config.ranks_per_node)
+    try:
+        generation = _sync.bcast(world, uuid.uuid4().hex[:12] if topo.rank == 0 else None)
+        placement = place_inputs(topo, sources, config, generation)
+        try:
+            result, error = _run_dask(topo, config, job, placement)
+            try:
+                _report(topo, placement, config)
+            except _sync.WaitTimeout as exc:
+                print(f"hpcshare: {exc}; aborting the job", file=sys.stderr, flush=True)
+                abort(world, 1)
+        finally:
+            placement.free()
+    finally:
+        topo.free()
+    _sync.agree(world, error)
+    return result if topo.rank == CLIENT_RANK else None

@@ -1,0 +1,170 @@
+"""Topology: which ranks share a node, who leads it, and each rank's role."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+from typing import TYPE_CHECKING
+
+from .errors import ConfigError, TopologyError
+
+if TYPE_CHECKING:
+    from mpi4py import MPI
+
+__all__ = ["MIN_RANKS", "Topology", "launcher_size"]
+
+SCHEDULER_RANK = 0
+CLIENT_RANK = 1
+MIN_RANKS = 3
+
+# Variables a launcher sets to the number of ranks it started.
+_LAUNCHER_VARS = (
+    "PMI_SIZE",  # MPICH / Intel MPI (hydra, PMI-1/2)
+    "PMIX_SIZE",
+    "OMPI_COMM_WORLD_SIZE",  # Open MPI
+    "MPI_LOCALNRANKS",
+    "SLURM_NTASKS",  # srun, sbatch
+    "SLURM_NPROCS",
+)
+
+
+def launcher_size(environ: dict[str, str] | None = None) -> tuple[int, str] | None:
+    """The number of ranks the environment says were started, and the variable (local)."""
+    env = os.environ if environ is None else environ
+    for var in _LAUNCHER_VARS:
+        value = env.get(var, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value), var
+    return None
+
+
+def role_of(rank: int) -> str:
+    """The role of a world rank: ``scheduler``, ``client`` or ``worker`` (local)."""
+    if rank == SCHEDULER_RANK:
+        return "scheduler"
+    if rank == CLIENT_RANK:
+        return "client"
+    return "worker"
+
+
+@dataclasses.dataclass
+class Topology:
+    """Communicators of one job. Build with :meth:`create`, end with :meth:`free`.
+
+    Attributes
+    ----------
+    world : the job's communicator (not owned, never freed here)
+    node : ranks sharing one node's memory (emulated nodes when asked)
+    host : ranks on the same physical machine (several emulated nodes)
+    leaders : node rank 0 of every node; ``MPI.COMM_NULL`` on other ranks
+    node_index : this node's number, 0 .. n_nodes-1
+    """
+
+    world: MPI.Intracomm
+    node: MPI.Comm
+    host: MPI.Comm
+    leaders: MPI.Comm
+    node_index: int
+    n_nodes: int
+    hostname: str
+
+    @classmethod
+    def create(cls, world: MPI.Intracomm, ranks_per_node: int | None = None) -> Topology:
+        """Split ``world`` into node and leaders' communicators (collective on ``world``).
+
+        ``ranks_per_node=K`` cuts each shared-memory node into emulated nodes of
+        K consecutive ranks, so multi-node logic runs on one machine.
+        """
+        from mpi4py import MPI
+
+        if ranks_per_node is not None and ranks_per_node < 1:
+            raise ConfigError(f"ranks_per_node must be at least 1, got {ranks_per_node}")
+        host = world.Split_type(MPI.COMM_TYPE_SHARED, key=world.Get_rank())
+        if ranks_per_node is None:
+            node = host.Dup()
+        else:
+            node = host.Split(host.Get_rank() // ranks_per_node, key=host.Get_rank())
+        is_leader = node.Get_rank() == 0
+        leaders = world.Split(0 if is_leader else MPI.UNDEFINED, key=world.Get_rank())
+        if is_leader:
+            info = (leaders.Get_rank(), leaders.Get_size())
+        else:
+            info = (0, 0)
+        node_index, n_nodes = node.bcast(info, root=0)
+        return cls(
+            world=world,
+            node=node,
+            host=host,
+            leaders=leaders,
+            node_index=node_index,
+            n_nodes=n_nodes,
+            hostname=socket.gethostname(),
+        )
+
+    @property
+    def rank(self) -> int:
+        return int(self.world.Get_rank())
+
+    @property
+    def size(self) -> int:
+        return int(self.world.Get_size())
+
+    @property
+    def role(self) -> str:
+        return role_of(self.rank)
+
+    @property
+    def is_leader(self) -> bool:
+        return bool(self.node.Get_rank() == 0)
+
+    def free(self) -> None:
+        """Free the communicators this object made (collective on ``world``). Idempotent."""
+        from mpi4py import MPI
+
+        for name in ("leaders", "node", "host"):
+            comm = getattr(self, name)
+            if comm != MPI.COMM_NULL:
+                comm.Free()
+                setattr(self, name, MPI.COMM_NULL)
+
+    def layout(self) -> list[dict[str, object]]:
+        """Every rank's host, node, node rank and role, gathered on all ranks (collective)."""
+        mine = {
+            "rank": self.rank,
+            "host": self.hostname,
+            "node": self.node_index,
+            "node_rank": int(self.node.Get_rank()),
+            "role": self.role,
+            "pid": os.getpid(),
+        }
+        return list(self.world.allgather(mine))
+
+
+def check_world(world: MPI.Intracomm, environ: dict[str, str] | None = None) -> None:
+    """Refuse worlds that cannot host a job (local; every rank decides the same).
+
+    Raises
+    ------
+    TopologyError
+        For a singleton world started by a launcher of another MPI, or a
+        world of fewer than three ranks.
+    """
+    size = int(world.Get_size())
+    launched = launcher_size(environ)
+    if size == 1 and launched is not None and launched[0] > 1:
+        n, var = launched
+        raise TopologyError(
+            f"this rank sees an MPI world of 1 rank, but {var}={n} says the launcher "
+            f"started {n}: the launcher does not speak this MPI's process-management "
+            "interface, so every rank came up alone. Use the mpiexec that belongs to the "
+            "MPI mpi4py was built with (`python -m hpcshare info` names it), or under "
+            "Slurm pick the right plugin: `srun --mpi=pmi2` for MPICH and Intel MPI, "
+            "`srun --mpi=pmix` for Open MPI (not --mpi=none)."
+        )
+    if size < MIN_RANKS:
+        raise TopologyError(
+            f"found {size} MPI rank(s), needs at least {MIN_RANKS}: one each for the "
+            "scheduler, the client and a worker. Start the job with e.g. "
+            "`mpirun -n 4 python -m hpcshare job ...`."
+        )
