@@ -1,17 +1,108 @@
-"""Dask arrays over node-shared inputs."""
+"""Dask arrays over node-shared inputs.
+
+A chunk of :func:`dask_array` is a :class:`SharedChunk`: a read-only view of
+the node's copy that remembers which input and slice it is. When Dask moves
+such a chunk to another worker or to the client, only that reference travels
+and the receiver resolves it on its own node: no input bytes move between
+Dask processes, and Dask does not count the node's shared bytes as a
+worker's own memory.
+"""
 
 from __future__ import annotations
 
+import pickle
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .handles import Handle
+
 if TYPE_CHECKING:
     import dask.array as da
 
-    from .handles import Handle
+__all__ = ["SharedChunk", "dask_array"]
 
-__all__ = ["dask_array"]
+# (handle, byte offset into the node's copy, shape, strides, dtype)
+_Ref = tuple[Handle, int, tuple[int, ...], tuple[int, ...], Any]
+
+
+def _plain(obj: Any) -> Any:
+    """``obj`` with every SharedChunk in it (lists, tuples, dicts) turned into a plain ndarray view."""
+    if isinstance(obj, SharedChunk):
+        return obj.view(np.ndarray)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_plain(o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    return obj
+
+
+def _window_bytes(handle: Handle) -> np.ndarray:
+    """The node's copy of ``handle`` as flat bytes, in memory order (local)."""
+    return handle.resolve().reshape(-1, order="A").view(np.uint8)
+
+
+def _ref_for(arr: np.ndarray, handle: Handle) -> _Ref | None:
+    """Where ``arr`` lies in the node's copy of ``handle``, or None if it does not."""
+    base = _window_bytes(handle)
+    lo = base.__array_interface__["data"][0]
+    addr = arr.__array_interface__["data"][0]
+    lo_b, hi_b = (
+        np.lib.array_utils.byte_bounds(arr) if hasattr(np.lib, "array_utils") else np.byte_bounds(arr)
+    )
+    if arr.size == 0 or lo_b < lo or hi_b > lo + base.nbytes:
+        return None
+    descr = arr.dtype.str if arr.dtype.fields is None else np.lib.format.dtype_to_descr(arr.dtype)
+    return (handle, addr - lo, arr.shape, arr.strides, descr)
+
+
+def _from_ref(
+    handle: Handle, offset: int, shape: tuple[int, ...], strides: tuple[int, ...], descr: Any
+) -> SharedChunk:
+    """Rebuild a referenced view on this node's copy (local)."""
+    dtype = np.lib.format.descr_to_dtype(descr)
+    view = np.ndarray(shape, dtype, buffer=_window_bytes(handle), offset=offset, strides=strides)
+    chunk = view.view(SharedChunk)
+    chunk._hpcshare_ref = (handle, offset, shape, strides, descr)
+    return chunk
+
+
+class SharedChunk(np.ndarray):
+    """A read-only view of a shared input that Dask moves as a reference.
+
+    Chunks of :func:`dask_array` are SharedChunks, and so are their slices,
+    transposes and field views: pickled or sent between Dask processes they
+    become (handle, offset, shape, strides, dtype), and the receiver rebuilds
+    the view on its own node's copy. Computations on them return plain NumPy
+    arrays.
+    """
+
+    _hpcshare_ref: _Ref | None = None
+
+    def __array_finalize__(self, obj: Any) -> None:
+        parent = getattr(obj, "_hpcshare_ref", None)
+        self._hpcshare_ref = None if parent is None else _ref_for(self, parent[0])
+
+    def __array_ufunc__(self, ufunc: Any, method: str, *inputs: Any, **kwargs: Any) -> Any:
+        if "out" in kwargs:
+            kwargs["out"] = _plain(kwargs["out"])
+        return getattr(ufunc, method)(*_plain(inputs), **kwargs)
+
+    def __array_function__(self, func: Any, types: Any, args: Any, kwargs: Any) -> Any:
+        return _plain(func(*_plain(args), **_plain(kwargs)))
+
+    def __reduce__(self) -> Any:
+        if self._hpcshare_ref is not None:
+            return (_from_ref, self._hpcshare_ref)
+        return (np.array, (self.view(np.ndarray),))
+
+
+def _chunk(handle: Handle, index: tuple[Any, ...], asarray: bool = True, lock: Any = None) -> SharedChunk:
+    """The chunk ``index`` of ``handle`` on this node (local; a dask array getter)."""
+    view = handle.resolve()[index]
+    chunk = view.view(SharedChunk)
+    chunk._hpcshare_ref = _ref_for(view, handle)
+    return chunk
 
 
 def dask_array(handle: Handle, chunks: Any = "auto") -> da.Array:
@@ -29,8 +120,6 @@ def dask_array(handle: Handle, chunks: Any = "auto") -> da.Array:
     """
     import dask.array as da
 
-    from .handles import Handle
-
     if not isinstance(handle, Handle):
         raise TypeError(f"dask_array() takes an hpcshare Handle, got {type(handle).__name__}")
     return da.from_array(
@@ -40,6 +129,32 @@ def dask_array(handle: Handle, chunks: Any = "auto") -> da.Array:
         lock=False,
         asarray=False,
         fancy=False,
+        getitem=_chunk,
         inline_array=True,
         meta=np.empty((0,) * handle.ndim, dtype=handle.dtype),
     )
+
+
+def _register_with_dask() -> None:
+    from dask.sizeof import sizeof
+    from distributed.protocol import dask_deserialize, dask_serialize
+    from distributed.protocol.numpy import deserialize_numpy_ndarray, serialize_numpy_ndarray
+
+    @sizeof.register(SharedChunk)
+    def _sizeof_chunk(x: SharedChunk) -> int:
+        return 64 if x._hpcshare_ref is not None else int(x.nbytes)
+
+    @dask_serialize.register(SharedChunk)
+    def _serialize_chunk(x: SharedChunk) -> tuple[dict[str, Any], list[Any]]:
+        if x._hpcshare_ref is not None:
+            return {"hpcshare-ref": pickle.dumps(x._hpcshare_ref)}, []
+        return serialize_numpy_ndarray(x.view(np.ndarray))
+
+    @dask_deserialize.register(SharedChunk)
+    def _deserialize_chunk(header: dict[str, Any], frames: list[Any]) -> np.ndarray:
+        if "hpcshare-ref" in header:
+            return _from_ref(*pickle.loads(header["hpcshare-ref"]))
+        return deserialize_numpy_ndarray(header, frames)  # type: ignore[no-any-return]
+
+
+_register_with_dask()

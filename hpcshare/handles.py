@@ -14,6 +14,7 @@ import threading
 from typing import Any
 
 import numpy as np
+from numpy.lib import format as _npformat
 
 from .errors import ResolveError
 
@@ -126,7 +127,7 @@ class Handle:
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Compact pickle: a dtype goes as its string (or field list), not as an object.
-        dt = self.dtype.descr if self.dtype.fields else self.dtype.str
+        dt = self.dtype.str if self.dtype.fields is None else _npformat.dtype_to_descr(self.dtype)
         return (_rebuild, (self.name, self.shape, dt, self.order, self.generation, self.offset))
 
     def __dask_tokenize__(self) -> tuple[str, ...]:
@@ -137,7 +138,7 @@ class Handle:
 
 
 def _rebuild(name: str, shape: tuple[int, ...], dt: Any, order: str, generation: str, offset: int) -> Handle:
-    return Handle(name, tuple(shape), np.dtype(dt), order, generation, offset)
+    return Handle(name, tuple(shape), _npformat.descr_to_dtype(dt), order, generation, offset)
 
 
 def _sizeof_handle(h: Handle) -> int:

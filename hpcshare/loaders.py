@@ -68,6 +68,24 @@ class Fill:
     order: str = "C"
 
 
+def _without_metadata(dtype: np.dtype) -> np.dtype:
+    """``dtype`` without the metadata h5py attaches (it does not survive a compact pickle)."""
+    if dtype.fields is not None:
+        names = list(dtype.names or ())
+        return np.dtype(
+            {
+                "names": names,
+                "formats": [_without_metadata(dtype.fields[n][0]) for n in names],
+                "offsets": [dtype.fields[n][1] for n in names],
+                "itemsize": dtype.itemsize,
+            }
+        )
+    if dtype.subdtype is not None:
+        base, shape = dtype.subdtype
+        return np.dtype((_without_metadata(base), shape))
+    return np.dtype(dtype.str) if dtype.metadata else dtype
+
+
 def check_dtype(name: str, dtype: np.dtype, where: str) -> None:
     """Refuse dtypes that cannot live in shared memory (local)."""
     if dtype.hasobject:
@@ -205,7 +223,9 @@ class Hdf5Source(Source):
                 )
             dtype = obj.dtype
             check_dtype(self.name, dtype, f"{self.path}:{self.dataset}")
-            return ArrayMeta(tuple(obj.shape), dtype, "C", align_rows=obj.chunks[0] if obj.chunks else 1)
+            return ArrayMeta(
+                tuple(obj.shape), _without_metadata(dtype), "C", align_rows=obj.chunks[0] if obj.chunks else 1
+            )
 
     @staticmethod
     def _row_bytes(meta: ArrayMeta) -> int:

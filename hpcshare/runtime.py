@@ -116,6 +116,8 @@ class _ViewGuard(WorkerPlugin):
             return
         if not isinstance(value, np.ndarray) or value.nbytes == 0:
             return
+        if getattr(value, "_hpcshare_ref", None) is not None:
+            return  # a dask_array chunk: it travels as a reference
         for name, (_, shared) in list(_registry.items()):
             if name not in self.warned and np.may_share_memory(value, shared):
                 self.warned.add(name)

@@ -1,0 +1,275 @@
+"""The runtime on real MPI ranks: run under ``mpiexec -n 5 python -m pytest --with-mpi``.
+
+Each test calls ``hpcshare.run`` on every rank, as a batch script does.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import textwrap
+import time
+
+import dask
+import h5py
+import numpy as np
+import pytest
+
+import hpcshare
+from hpcshare import InputError, JobFailed, ResolveError
+from hpcshare.arrays import SharedChunk
+
+pytestmark = pytest.mark.mpi(min_size=5)
+
+QUIET = {"quiet": True}
+
+
+def expected_arrays():
+    rng = np.random.default_rng(1)
+    structured = np.zeros(7, dtype=[("x", "f8"), ("n", "i4"), ("tag", "S5"), ("v", "f4", (2,))])
+    structured["x"] = np.arange(7) * 1.5
+    structured["n"] = np.arange(7) - 3
+    structured["tag"] = [b"a", b"bb", b"ccc", b"dddd", b"eeeee", b"f", b"g"]
+    structured["v"] = rng.random((7, 2))
+    return {
+        "c3d": rng.random((13, 5, 4)),
+        "fortran": np.asfortranarray(np.arange(6 * 9, dtype=np.int16).reshape(6, 9)),
+        "flags": rng.random(1001) > 0.5,
+        "empty": np.zeros((0, 5), dtype=np.float32),
+        "grid": rng.random((103, 17)),  # chunk rows 10: slabs never split a chunk
+        "records": structured,
+        "names": np.array([b"alpha", b"be", b"gamma"], dtype="S5"),
+        "scalar": np.array(3.25),
+        "func": np.arange(12, dtype=np.complex128).reshape(3, 4) * (1 + 2j),
+        "filled": np.full((50, 3), 7, dtype=np.uint32),
+    }
+
+
+def write_inputs(d):
+    arrays = expected_arrays()
+    np.save(d / "c3d.npy", arrays["c3d"])
+    np.save(d / "fortran.npy", arrays["fortran"])
+    np.save(d / "flags.npy", arrays["flags"])
+    np.save(d / "empty.npy", arrays["empty"])
+    with h5py.File(d / "data.h5", "w") as f:
+        f.create_dataset("/g/grid", data=arrays["grid"], chunks=(10, 17), compression="gzip")
+        f.create_dataset("records", data=arrays["records"], chunks=(3,), compression="gzip", shuffle=True)
+        f.create_dataset("names", data=arrays["names"])
+        f.create_dataset("scalar", data=arrays["scalar"])
+    (d / "maker.py").write_text(
+        textwrap.dedent(
+            """
+            import numpy as np
+            import hpcshare
+
+            def complex_grid():
+                return np.arange(12, dtype=np.complex128).reshape(3, 4) * (1 + 2j)
+
+            def filled():
+                return hpcshare.Fill((50, 3), "u4", lambda out: out.fill(7))
+            """
+        )
+    )
+
+
+def sources(d):
+    return {
+        "c3d": d / "c3d.npy",
+        "fortran": str(d / "fortran.npy"),
+        "flags": str(d / "flags.npy"),
+        "empty": str(d / "empty.npy"),
+        "grid": f"{d}/data.h5:/g/grid",
+        "records": f"{d}/data.h5:/records",
+        "names": f"{d}/data.h5:/names",
+        "scalar": f"{d}/data.h5:/scalar",
+        "func": f"{d}/maker.py:complex_grid",
+        "filled": f"{d}/maker.py:filled",
+    }
+
+
+def describe_view(h):
+    """Runs in a task: what the worker sees of input ``h``."""
+    v = h.resolve()
+    try:
+        v[...] = v
+        writable = True
+    except ValueError:
+        writable = False
+    return {
+        "bytes": v.tobytes(order="A"),
+        "dtype": v.dtype,
+        "shape": v.shape,
+        "f_order": bool(v.flags.f_contiguous and not v.flags.c_contiguous),
+        "owns_data": bool(v.flags.owndata),
+        "writable": writable,
+        "same_buffer": h.resolve().__array_interface__["data"][0] == v.__array_interface__["data"][0],
+    }
+
+
+def test_every_source_kind_and_dtype_reaches_tasks_as_read_only_views(comm, shared_dir, on_rank0):
+    on_rank0(lambda: write_inputs(shared_dir))
+
+    def main(client, inputs):
+        names = sorted(inputs)
+        seen = client.gather(client.map(describe_view, [inputs[n] for n in names], pure=False))
+        return dict(zip(names, seen))
+
+    result = hpcshare.run(main, sources(shared_dir), **QUIET)
+    if comm.rank != 1:
+        assert result is None
+        return
+    for name, want in expected_arrays().items():
+        got = result[name]
+        assert got["dtype"] == want.dtype, name
+        assert got["shape"] == want.shape, name
+        assert got["bytes"] == want.tobytes(order="A"), name
+        assert got["f_order"] == (name == "fortran"), name
+        assert not got["writable"] and not got["owns_data"] and got["same_buffer"], name
+
+
+def mapping_of(h):
+    """Runs anywhere: (host, device:inode) of the shared mapping that holds input ``h``."""
+    addr = h.resolve().__array_interface__["data"][0]
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split()
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            if lo <= addr < hi:
+                return socket.gethostname(), f"{fields[3]}:{fields[4]}", os.getpid()
+    raise AssertionError("view not found in /proc/self/maps")
+
+
+def test_two_emulated_nodes_hold_one_copy_each(comm):
+    # 5 ranks, 3 per node: node 0 = ranks 0-2 (scheduler, client, a worker), node 1 = ranks 3-4
+    def main(client, inputs):
+        h = inputs["x"]
+        per_worker = client.run(mapping_of, h)
+        names = {a: w["name"] for a, w in client.scheduler_info(n_workers=-1)["workers"].items()}
+        total = client.submit(np.sum, h).result()
+        return mapping_of(h), {names[a]: m for a, m in per_worker.items()}, total
+
+    result = hpcshare.run(
+        main, {"x": lambda: np.arange(1 << 20, dtype=np.float64)}, ranks_per_node=3, **QUIET
+    )
+    if comm.rank == 1:
+        client_map, workers, total = result
+        assert total == np.arange(1 << 20, dtype=np.float64).sum()
+        assert sorted(workers) == ["rank-2", "rank-3", "rank-4"]
+        assert len({m[2] for m in workers.values()}) == 3  # three processes
+        assert workers["rank-2"][1] == client_map[1]  # node 0 shares one mapping
+        assert workers["rank-3"][1] == workers["rank-4"][1]  # node 1 shares one mapping
+        assert workers["rank-3"][1] != client_map[1]  # two nodes, two copies
+
+
+def transfer_totals(dask_worker):
+    return dask_worker.transfer_outgoing_bytes_total, dask_worker.state.transfer_incoming_count_total
+
+
+def checksum(h, k):
+    return float(np.sum(h.resolve()[k::7]))
+
+
+def test_no_input_bytes_move_between_dask_processes_and_graphs_stay_small(comm):
+    nbytes = 32 * 2**20
+
+    def main(client, inputs):
+        h = inputs["big"]
+        futures = client.map(checksum, [h] * 28, range(28), pure=False)
+        sums = client.gather(futures)
+        x = hpcshare.dask_array(h, chunks=2**20)
+        graph = pickle.dumps(dict((x.mean() + x.std()).__dask_graph__()))
+        stats = (x.mean() + x.std()).compute()
+        shifted = float((x[:-1] * x[1:]).sum().compute())  # misaligned chunks move between tasks
+        chunks = client.gather(client.compute(list(x.to_delayed().ravel())))  # chunks travel to the client
+        moved = client.run(transfer_totals)
+        whole_ok = all(isinstance(c, SharedChunk) for c in chunks) and np.array_equal(
+            np.concatenate(chunks), h.resolve()
+        )
+        return sums, len(graph), stats, shifted, whole_ok, moved
+
+    result = hpcshare.run(main, {"big": lambda: np.linspace(0, 1, nbytes // 8)}, **QUIET)
+    if comm.rank == 1:
+        sums, graph_bytes, stats, shifted, whole_ok, moved = result
+        data = np.linspace(0, 1, nbytes // 8)
+        assert np.allclose(sums, [data[k::7].sum() for k in range(28)])
+        assert np.isclose(stats, data.mean() + data.std())
+        assert np.isclose(shifted, (data[:-1] * data[1:]).sum())
+        assert whole_ok
+        assert sum(n for _, n in moved.values()) > 0  # chunks did travel, as references
+        assert graph_bytes < 64 * 1024, graph_bytes
+        outgoing = sum(b for b, _ in moved.values())
+        # only task results (floats, partial sums) leave a worker: far less than one chunk
+        assert outgoing < 2**20 // 4, moved
+
+
+def test_handles_work_with_submit_map_delayed_and_as_arrays(comm):
+    def add(h, k):
+        return float(np.asarray(h)[k])
+
+    def main(client, inputs):
+        h = inputs["v"]
+        a = client.submit(add, h, 3).result()
+        b = client.gather(client.map(add, [h] * 3, [0, 1, 2]))
+        c = dask.delayed(add)(h, 5).compute()
+        d = float(hpcshare.dask_array(h, chunks=4)[6:9].sum().compute())
+        return a, b, c, d, h.shape, h.dtype
+
+    result = hpcshare.run(main, {"v": lambda: np.arange(10.0) * 2}, **QUIET)
+    if comm.rank == 1:
+        assert result == (6.0, [0.0, 2.0, 4.0], 10.0, 12.0 + 14.0 + 16.0, (10,), np.dtype("f8"))
+
+
+def test_a_failing_main_fails_every_rank(comm):
+    def main(client, inputs):
+        raise ValueError("bad parameter 42")
+
+    t = time.monotonic()
+    with pytest.raises(JobFailed, match="ValueError: bad parameter 42"):
+        hpcshare.run(main, {"v": lambda: np.arange(10.0)}, **QUIET)
+    assert time.monotonic() - t < 60
+
+
+def test_a_bad_input_fails_every_rank_with_its_name(comm, shared_dir):
+    with pytest.raises(InputError, match=r"input 'lut'.*does not exist"):
+        hpcshare.run(
+            lambda c, i: None, {"ok": lambda: np.ones(3), "lut": shared_dir / "missing.npy"}, **QUIET
+        )
+    # the job after a failed one starts normally
+    assert hpcshare.run(lambda c, i: 7, {"ok": lambda: np.ones(3)}, **QUIET) == (
+        7 if comm.rank == 1 else None
+    )
+
+
+def test_handles_from_an_ended_job_fail_loudly(comm):
+    result = hpcshare.run(lambda client, inputs: inputs["v"], {"v": lambda: np.arange(5.0)}, **QUIET)
+    if comm.rank == 1:
+        with pytest.raises(ResolveError, match=r"input 'v'.*has ended"):
+            result.resolve()
+
+
+def test_waiting_ranks_do_not_spin_during_placement(comm):
+    from hpcshare.config import JobConfig
+    from hpcshare.loaders import Fill, source_for
+    from hpcshare.placement import place_inputs
+    from hpcshare.topology import Topology
+
+    def slow():
+        def fill(out):
+            time.sleep(2.0)
+            out[:] = 1
+
+        return Fill((1000,), "f8", fill)
+
+    topo = Topology.create(comm)
+    try:
+        cpu, wall = time.process_time(), time.monotonic()
+        placement = place_inputs(topo, [source_for("slow", slow)], JobConfig.from_options(quiet=True), "gen")
+        cpu, wall = time.process_time() - cpu, time.monotonic() - wall
+        assert float(placement.handles["slow"].resolve().sum()) == 1000.0
+        placement.free()
+    finally:
+        topo.free()
+    assert wall >= 2.0
+    if comm.rank != 0:
+        assert cpu < 0.1 * wall, f"rank {comm.rank} used {cpu:.2f} s of CPU waiting {wall:.2f} s"

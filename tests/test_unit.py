@@ -1,0 +1,135 @@
+"""Pure logic: sources, config, handles, the report. No MPI ranks needed."""
+
+from __future__ import annotations
+
+import pickle
+
+import dask
+import numpy as np
+import pytest
+
+import hpcshare
+from hpcshare import ConfigError, Handle, InputError, ResolveError
+from hpcshare.config import JobConfig
+from hpcshare.loaders import FunctionSource, Hdf5Source, NpySource, _split, parse_source
+from hpcshare.report import RankMemory, format_report, summarize
+
+
+@pytest.mark.parametrize(
+    "spec, kind",
+    [
+        ("a=data.npy", NpySource),
+        ("grid=dir/data.h5:/group/grid", Hdf5Source),
+        ("g=x.hdf5:/g", Hdf5Source),
+        ("f=numpy.random:rand", FunctionSource),
+        ("f=make.py:build", FunctionSource),
+    ],
+)
+def test_sources_are_recognised(spec, kind):
+    src = parse_source(spec)
+    assert isinstance(src, kind)
+    assert src.name == spec.split("=")[0]
+
+
+def test_hdf5_path_and_dataset_are_split_at_the_last_colon():
+    src = parse_source("g=/scratch/run:1/data.h5:/a/b")
+    assert (src.path, src.dataset) == ("/scratch/run:1/data.h5", "/a/b")
+
+
+@pytest.mark.parametrize(
+    "spec, words",
+    [
+        ("noequals.npy", "NAME=SOURCE"),
+        ("x=data.h5", "no dataset"),
+        ("x=data.csv", "cannot tell"),
+        ("bad name=data.npy", "not valid"),
+    ],
+)
+def test_bad_sources_say_what_to_write(spec, words):
+    with pytest.raises(InputError, match=words):
+        parse_source(spec)
+
+
+def test_split_covers_everything_once_with_aligned_bounds():
+    for total in (1, 7, 4096, 10**6 + 3):
+        for n in (1, 2, 3, 8):
+            parts = _split(total, n, 64)
+            assert parts[0][0] == 0 and parts[-1][1] == total
+            assert all(b == c for (_, b), (c, _) in zip(parts, parts[1:]))
+            assert all(a % 64 == 0 for a, _ in parts)
+            assert len(parts) <= n
+    assert _split(0, 4, 64) == []
+
+
+def test_config_defaults_and_overrides():
+    cfg = JobConfig.from_options()
+    assert cfg.ranks_per_node is None and cfg.readers is None and cfg.nthreads == 1
+    with dask.config.set({"hpcshare.ranks-per-node": 3, "hpcshare.shm-headroom": "1 GiB"}):
+        cfg = JobConfig.from_options(readers=2)
+    assert (cfg.ranks_per_node, cfg.readers, cfg.shm_headroom) == (3, 2, 2**30)
+
+
+@pytest.mark.parametrize(
+    "options, words",
+    [
+        ({"ranks_per_node": 0}, "ranks_per_node"),
+        ({"readers": "many"}, "readers"),
+        ({"memory_limit": "lots"}, "memory_limit"),
+        ({"rank_per_node": 2}, "unknown option"),
+    ],
+)
+def test_bad_config_is_named(options, words):
+    with pytest.raises(ConfigError, match=words):
+        JobConfig.from_options(**options)
+
+
+@pytest.mark.parametrize(
+    "dtype",
+    [
+        np.float64,
+        np.dtype(">i2"),
+        np.bool_,
+        np.dtype("S17"),
+        np.dtype("U8"),
+        np.dtype([("x", "f8"), ("y", "i4"), ("name", "S8"), ("v", "f4", (3,))]),
+        np.dtype({"names": ["a", "b"], "formats": ["u1", "f8"], "offsets": [0, 8], "itemsize": 16}),
+    ],
+)
+def test_handles_pickle_small_and_round_trip(dtype):
+    h = Handle("grid", (10**6, 10**6), np.dtype(dtype), "F", "0123456789ab")
+    data = pickle.dumps(h)
+    assert len(data) <= 512
+    back = pickle.loads(data)
+    assert back == h and back.dtype == h.dtype and back.nbytes == h.nbytes
+    assert dask.base.tokenize(back) == dask.base.tokenize(h)
+
+
+def test_resolving_outside_a_job_names_the_input_and_why():
+    h = Handle("lut", (4,), np.dtype("f8"), "C", "feedfeedfeed")
+    with pytest.raises(ResolveError, match=r"input 'lut'.*no hpcshare job placed it"):
+        h.resolve()
+    with pytest.raises(ResolveError, match="lut"):
+        np.asarray(h)
+
+
+def test_dask_array_refuses_non_handles():
+    with pytest.raises(TypeError, match="Handle"):
+        hpcshare.dask_array(np.zeros(3))
+
+
+def test_report_sums_pss_per_node_and_prices_one_copy_per_worker():
+    mib = 2**20
+    ranks = [
+        RankMemory(0, "n0", 0, "scheduler", 100 * mib, 400 * mib),
+        RankMemory(1, "n0", 0, "client", 100 * mib, 400 * mib),
+        RankMemory(2, "n1", 1, "worker", 150 * mib, 500 * mib),
+        RankMemory(3, "n1", 1, "worker", 150 * mib, 500 * mib),
+    ]
+    nodes = summarize(ranks, 200 * mib)
+    assert [(n.node, n.ranks, n.workers, n.pss) for n in nodes] == [
+        (0, 2, 0, 200 * mib),
+        (1, 2, 2, 300 * mib),
+    ]
+    assert nodes[1].per_worker_copies == 300 * mib + 200 * mib
+    text = format_report(nodes, 1)
+    assert "300.00 MiB" in text and "500.00 MiB" in text and text.count("\n") >= 3
