@@ -14,6 +14,7 @@ import pickle
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from numpy.lib.array_utils import byte_bounds as _byte_bounds
 
 from .handles import Handle
 
@@ -47,9 +48,7 @@ def _ref_for(arr: np.ndarray, handle: Handle) -> _Ref | None:
     base = _window_bytes(handle)
     lo = base.__array_interface__["data"][0]
     addr = arr.__array_interface__["data"][0]
-    lo_b, hi_b = (
-        np.lib.array_utils.byte_bounds(arr) if hasattr(np.lib, "array_utils") else np.byte_bounds(arr)
-    )
+    lo_b, hi_b = _byte_bounds(arr)
     if arr.size == 0 or lo_b < lo or hi_b > lo + base.nbytes:
         return None
     descr = arr.dtype.str if arr.dtype.fields is None else np.lib.format.dtype_to_descr(arr.dtype)

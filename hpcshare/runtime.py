@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import subprocess
 import sys
 import traceback
 import uuid
@@ -71,6 +72,29 @@ def abort(comm: MPI.Comm | None = None, code: int = 1) -> None:
     from mpi4py import MPI
 
     (comm or MPI.COMM_WORLD).Abort(code)
+
+
+_reaper_started = False
+
+
+def _start_reaper(topo: Topology) -> None:
+    """Start the /dev/shm watcher for this host's ranks, once per process (collective on world)."""
+    global _reaper_started
+    pids = topo.host.gather(os.getpid(), root=0)
+    if _reaper_started or topo.host.Get_rank() != 0:
+        return
+    paths = _mpi_shm_files()
+    if not paths or pids is None:
+        return
+    script = os.path.join(os.path.dirname(__file__), "_reaper.py")
+    subprocess.Popen(
+        [sys.executable, "-I", script, ",".join(map(str, pids)), *paths],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    _reaper_started = True
 
 
 def _idle_comm(comm: MPI.Intracomm, timeout: float) -> MPI.Intracomm:
@@ -302,6 +326,7 @@ def run(
             raise HpcshareError("input names must be unique")
     topo = Topology.create(world, config.ranks_per_node)
     try:
+        _start_reaper(topo)
         generation = _sync.bcast(world, uuid.uuid4().hex[:12] if topo.rank == 0 else None)
         placement = place_inputs(topo, sources, config, generation)
         try:

@@ -80,7 +80,7 @@ class NodeWindow:
         from mpi4py import MPI
 
         size = max(nbytes, 1) if comm.Get_rank() == 0 else 1
-        win = MPI.Win.Allocate_shared(size, 1, comm=comm)
+        win = MPI.Win.Allocate_shared(size, 1, comm=comm)  # type: ignore[arg-type]
         return cls(win, comm, nbytes, name)
 
     @property

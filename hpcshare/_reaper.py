@@ -1,0 +1,51 @@
+"""Remove a job's named shared-memory files once all of its ranks on this host are gone.
+
+MPI libraries unlink their shared-memory files when the job ends normally.
+When a rank is killed (a crash, ``MPI_Abort``, a batch system's time limit),
+the library of the other ranks is killed too and the files stay in /dev/shm
+until the node reboots. The job's first rank on each host starts this
+watcher in its own session; it polls the ranks' PIDs twice a second and,
+when none is left, unlinks the files that are still there.
+
+Run as a plain script with ``python -I`` (it imports nothing but the
+standard library): ``_reaper.py PID[,PID...] PATH [PATH...]``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie has exited: its files are no longer in use
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def main(argv: list[str]) -> int:
+    pids = [int(p) for p in argv[0].split(",") if p]
+    paths = argv[1:]
+    while any(_alive(p) for p in pids):
+        if not any(os.path.exists(p) for p in paths):
+            return 0  # the MPI library cleaned up; nothing left to watch
+        time.sleep(0.5)
+    for path in paths:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

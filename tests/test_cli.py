@@ -1,0 +1,201 @@
+"""The command line, run as a user types it: ``mpiexec -n N python -m hpcshare ...``.
+
+Every run is bounded by a timeout that kills its process group, and checks
+that nothing of the job is left in /dev/shm.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import textwrap
+
+import h5py
+import numpy as np
+import pytest
+from conftest import hpcshare, run_cmd
+
+pytestmark = pytest.mark.usefixtures("clean_shm")
+
+REPORT_ROW = re.compile(
+    r"^\s*(\d+)\s+\S+\s+(\d+)\s+(\d+)\s+([\d.]+ \w?i?B)\s+([\d.]+ \w?i?B)\s+([\d.]+ \w?i?B)\s+([\d.]+ \w?i?B)",
+    re.M,
+)
+
+
+def to_bytes(text: str) -> float:
+    from dask.utils import parse_bytes
+
+    return parse_bytes(text.replace(" ", ""))
+
+
+def report_rows(output: str):
+    return [
+        {
+            "node": int(m[1]),
+            "ranks": int(m[2]),
+            "workers": int(m[3]),
+            "inputs": to_bytes(m[4]),
+            "measured": to_bytes(m[5]),
+        }
+        for m in REPORT_ROW.finditer(output)
+    ]
+
+
+def assert_clean_success(run):
+    assert run.returncode == 0, run
+    assert "Traceback" not in run.output, run
+    assert "CommClosedError" not in run.output, run
+
+
+def test_demo_job_with_defaults_checks_its_answer_and_reports_memory():
+    run = hpcshare(4, "job", timeout=180)
+    assert_clean_success(run)
+    assert "16 tasks OK, all match plain NumPy" in run.stdout
+    assert "'data' (256 MiB" in run.stdout
+    rows = report_rows(run.stdout)
+    assert len(rows) == 1 and rows[0]["ranks"] == 4 and rows[0]["workers"] == 2
+    assert rows[0]["inputs"] == 256 * 2**20
+    # one copy of the input plus four small processes, not a copy per worker
+    assert 256 * 2**20 <= rows[0]["measured"] < 256 * 2**20 + 4 * 200 * 2**20, run.stdout
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    a = np.arange(3000, dtype=np.float32).reshape(300, 10)
+    np.save(tmp_path / "a.npy", a)
+    with h5py.File(tmp_path / "d.h5", "w") as f:
+        f.create_dataset(
+            "grid/values", data=np.arange(5000.0).reshape(500, 10), chunks=(64, 10), compression="gzip"
+        )
+        f.create_dataset("text", data=["a", "bb"], dtype=h5py.string_dtype())
+    (tmp_path / "make.py").write_text(
+        "import numpy as np\ndef ramp():\n    return np.arange(100, dtype=np.int64)\n"
+    )
+    (tmp_path / "job.py").write_text(
+        textwrap.dedent(
+            """
+            import numpy as np
+
+            def total(h):
+                return float(np.asarray(h).sum())
+
+            def main(client, inputs):
+                for name in sorted(inputs):
+                    h = inputs[name]
+                    print(f"{name} {h.shape} sum={client.submit(total, h).result():.1f}")
+            """
+        )
+    )
+    return tmp_path
+
+
+def test_job_file_with_npy_hdf5_and_function_inputs_on_two_emulated_nodes(inputs):
+    run = hpcshare(
+        6,
+        "job",
+        str(inputs / "job.py"),
+        "--input",
+        f"a={inputs}/a.npy",
+        "--input",
+        f"grid={inputs}/d.h5:/grid/values",
+        "-i",
+        f"ramp={inputs}/make.py:ramp",
+        "--ranks-per-node",
+        "3",
+    )
+    assert_clean_success(run)
+    assert "a (300, 10) sum=4498500.0" in run.stdout
+    assert "grid (500, 10) sum=12497500.0" in run.stdout
+    assert "ramp (100,) sum=4950.0" in run.stdout
+    rows = report_rows(run.stdout)
+    assert [(r["node"], r["ranks"], r["workers"]) for r in rows] == [(0, 3, 1), (1, 3, 3)]
+    assert all(r["inputs"] == pytest.approx(12000 + 40000 + 800, rel=0.01) for r in rows)
+    assert "on 2 node(s)" in run.stderr
+
+
+def test_console_script_is_installed():
+    run = run_cmd([sys.executable, "-c", "import shutil; print(shutil.which('hpcshare') or '')"])
+    exe = run.stdout.strip()
+    if not exe:
+        pytest.skip("hpcshare is not installed in this environment (pip install -e .)")
+    assert run_cmd([exe, "--help"]).stdout.count("job") >= 1
+
+
+def test_a_failing_main_prints_one_traceback_and_fails_fast(tmp_path):
+    (tmp_path / "bad.py").write_text(
+        "def main(client, inputs):\n    raise RuntimeError('the model diverged')\n"
+    )
+    run = hpcshare(4, "job", str(tmp_path / "bad.py"), "--demo-size", "1MiB", timeout=60)
+    assert run.returncode != 0
+    assert run.output.count("Traceback (most recent call last)") == 1, run
+    assert run.output.count("RuntimeError: the model diverged") == 2, run  # traceback + summary line
+    assert run.seconds < 30
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--input", "x={d}/missing.npy"], "input 'x': file '{d}/missing.npy' does not exist"),
+        (
+            ["--input", "x={d}/d.h5:/grid/nope"],
+            "dataset '/grid/nope' does not exist in '{d}/d.h5'; datasets there: /grid/values",
+        ),
+        (["--input", "x={d}/d.h5:/text"], "input 'x' ({d}/d.h5:/text) has dtype object"),
+        (["--input", "x={d}/table.csv"], "cannot tell what kind of source"),
+        (["--input", "x=no_such_module_xyz:make"], "cannot import module 'no_such_module_xyz'"),
+        (["--demo-size", "100TiB"], "need 100.00 TiB of shared memory on this node, but /dev/shm has"),
+    ],
+)
+def test_bad_inputs_fail_before_allocating_with_a_clear_message(inputs, args, message):
+    args = [a.format(d=inputs) for a in args]
+    run = hpcshare(
+        4, "job", *([str(inputs / "job.py")] if "--demo-size" not in args else []), *args, timeout=60
+    )
+    assert run.returncode != 0
+    assert message.format(d=inputs) in run.stderr, run
+    assert run.stderr.count("hpcshare: error:") == 1, run  # said once, not once per rank
+    assert "Traceback" not in run.output
+
+
+def test_too_few_ranks_is_refused():
+    run = hpcshare(2, "job", timeout=60)
+    assert run.returncode != 0
+    assert "found 2 MPI rank(s), needs at least 3" in run.stderr, run
+    assert run.stderr.count("hpcshare: error:") == 1
+
+
+def test_a_launcher_from_another_mpi_is_named_with_the_fix():
+    # a rank started alone while Slurm says 4 tasks: what `srun --mpi=none` does with MPICH
+    run = run_cmd([sys.executable, "-m", "hpcshare", "job"], env={"SLURM_NTASKS": "4"}, timeout=60)
+    assert run.returncode != 0
+    assert "world of 1 rank, but SLURM_NTASKS=4" in run.stderr and "srun --mpi=pmi2" in run.stderr, run
+
+
+def test_info_shows_topology_mpi_and_shared_memory():
+    run = hpcshare(3, "info", timeout=60)
+    assert run.returncode == 0, run
+    assert "3 rank(s)" in run.stdout
+    assert "MPI library:" in run.stdout and "thread level" in run.stdout
+    assert "0 scheduler, 1 client, 2 worker" in run.stdout
+    assert re.search(r"/dev/shm: [\d.]+ \w+ free of", run.stdout), run.stdout
+
+
+def test_info_warns_about_singletons():
+    run = run_cmd([sys.executable, "-m", "hpcshare", "info"], env={"SLURM_NTASKS": "8"}, timeout=60)
+    assert run.returncode == 0
+    assert "WARNING: this rank sees an MPI world of 1 rank, but SLURM_NTASKS=8" in run.stderr, run
+
+
+def test_bad_arguments_are_refused_by_the_parser():
+    run = run_cmd([sys.executable, "-m", "hpcshare", "job", "--input", "nonamehere"], timeout=30)
+    assert run.returncode == 2 and "is not NAME=SOURCE" in run.stderr
+
+
+def test_a_rank_that_dies_ends_the_job_and_leaves_nothing_in_shm(tmp_path):
+    (tmp_path / "crash.py").write_text(
+        "import os\n\ndef main(client, inputs):\n    client.submit(os._exit, 3).result()\n"
+    )
+    run = hpcshare(4, "job", str(tmp_path / "crash.py"), "--demo-size", "8MiB", timeout=60)
+    assert run.returncode != 0, run
+    # clean_shm checks /dev/shm once the job's watcher has run
