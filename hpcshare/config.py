@@ -29,7 +29,7 @@ _KEYS = {
     "shm_dir": "hpcshare.shm-dir",
     "shm_headroom": "hpcshare.shm-headroom",
     "quiet": "hpcshare.quiet",
-    "shutdown_timeout": "hpcshare.shutdown-timeout",
+    "timeout": "hpcshare.timeout",
     "nthreads": "hpcshare.worker.nthreads",
     "memory_limit": "hpcshare.worker.memory-limit",
     "dashboard_address": "hpcshare.dashboard-address",
@@ -65,7 +65,7 @@ class JobConfig:
     shm_dir: str = "/dev/shm"
     shm_headroom: int = 64 * 2**20
     quiet: bool = False
-    shutdown_timeout: float = 60.0
+    timeout: float = 120.0
     nthreads: int = 1
     memory_limit: int | None = None  # None: auto
     dashboard_address: str = ":8787"
@@ -98,13 +98,11 @@ class JobConfig:
                 f"dask_log_level must be debug, info, warning, error or critical, got {level!r}"
             )
         try:
-            timeout = float(raw["shutdown_timeout"])
+            timeout = float(raw["timeout"])
         except (TypeError, ValueError):
             timeout = -1.0
         if timeout <= 0:
-            raise ConfigError(
-                f"shutdown_timeout must be a positive number of seconds, got {raw['shutdown_timeout']!r}"
-            )
+            raise ConfigError(f"timeout must be a positive number of seconds, got {raw['timeout']!r}")
         quiet = raw["quiet"]
         if isinstance(quiet, str):
             quiet = quiet.strip().lower() in ("1", "true", "yes", "on")
@@ -114,7 +112,7 @@ class JobConfig:
             shm_dir=str(raw["shm_dir"]),
             shm_headroom=_bytes("shm_headroom", raw["shm_headroom"]),
             quiet=bool(quiet),
-            shutdown_timeout=timeout,
+            timeout=timeout,
             nthreads=_positive_int("nthreads", raw["nthreads"]) or 1,
             memory_limit=None if memory_limit in (None, "auto") else _bytes("memory_limit", memory_limit),
             dashboard_address=str(raw["dashboard_address"]),

@@ -173,9 +173,9 @@ def _client_main(
 
     result: Any = None
     error: BaseException | None = None
-    client = Client(timeout=config.shutdown_timeout)
+    client = Client(timeout=config.timeout)
     try:
-        client.wait_for_workers(n_workers, timeout=config.shutdown_timeout)
+        client.wait_for_workers(n_workers, timeout=config.timeout)
         client.register_plugin(_ViewGuard(), name=_ViewGuard.name)
         try:
             result = main(client, dict(handles))
@@ -215,7 +215,7 @@ def _run_dask(
     before = dask.config.get("scheduler-address", None)
     try:
         is_client = initialize(
-            comm=_idle_comm(topo.world, config.shutdown_timeout),
+            comm=_idle_comm(topo.world, config.timeout),
             exit=False,
             nthreads=config.nthreads,
             memory_limit=limit,
@@ -236,7 +236,7 @@ def _run_dask(
 def _report(topo: Topology, placement: Placement, config: JobConfig) -> None:
     """Measure every rank and print the memory report on world rank 0 (collective)."""
     mine = measure_rank(topo.rank, topo.hostname, topo.node_index, topo.role)
-    _sync.barrier(topo.world, timeout=config.shutdown_timeout, what="all ranks at the end of the job")
+    _sync.barrier(topo.world, timeout=config.timeout, what="all ranks at the end of the job")
     ranks = topo.world.gather(mine, root=0)
     if topo.rank == 0 and not config.quiet and ranks:
         print(format_report(summarize(ranks, placement.nbytes), len(placement.inputs)), flush=True)

@@ -199,3 +199,15 @@ def test_a_rank_that_dies_ends_the_job_and_leaves_nothing_in_shm(tmp_path):
     run = hpcshare(4, "job", str(tmp_path / "crash.py"), "--demo-size", "8MiB", timeout=60)
     assert run.returncode != 0, run
     # clean_shm checks /dev/shm once the job's watcher has run
+
+
+def test_shared_pages_do_not_count_against_a_workers_memory_limit():
+    # Each worker touches all 256 MiB of the input, so its RSS exceeds the 100 MiB
+    # private limit; Dask would pause it (and the job would hang) if the shared
+    # bytes were not added to the limit.
+    run = hpcshare(
+        4, "job", "--demo-size", "256MiB", "--demo-tasks", "4", "--memory-limit", "100MiB", timeout=120
+    )
+    assert_clean_success(run)
+    assert "4 tasks OK" in run.stdout
+    assert "paused" not in run.output.lower(), run

@@ -30,8 +30,9 @@ def test_mpi_tests_pass_on_every_rank():
         cwd=ROOT,
         timeout=600,
     )
-    summaries = re.findall(r"^(?:=+ )?(\d+ passed[^\n]*)$", run.stdout, re.M)
+    # every rank prints its own summary line (lines of ranks may run together)
+    passed = [int(n) for n in re.findall(r"\b(\d+) passed\b", run.stdout)]
     assert run.returncode == 0, run
-    assert len(summaries) == RANKS, run
-    assert all("failed" not in s and "error" not in s for s in summaries), run
-    assert int(summaries[0].split()[0]) >= 8, run
+    assert len(passed) == RANKS, run
+    assert not re.search(r"\b\d+ (failed|errors?)\b", run.stdout), run
+    assert min(passed) >= 8, run
