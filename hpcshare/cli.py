@@ -13,6 +13,7 @@ from typing import Any
 from dask.utils import parse_bytes
 
 from . import __version__
+from .demo import DEFAULT_SIZE, DEFAULT_TASKS
 
 __all__ = ["main"]
 
@@ -58,8 +59,6 @@ def _input(text: str) -> tuple[str, str]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .demo import DEFAULT_TASKS
-
     p = argparse.ArgumentParser(
         prog="hpcshare",
         description="Run Dask on MPI ranks with large read-only inputs held once per node.",
@@ -107,14 +106,12 @@ def _parser() -> argparse.ArgumentParser:
     job.add_argument(
         "--demo-size",
         type=_size,
-        default="256MiB",
         metavar="SIZE",
         help="demo job only: input size (default 256MiB)",
     )
     job.add_argument(
         "--demo-tasks",
         type=_positive,
-        default=DEFAULT_TASKS,
         metavar="N",
         help=f"demo job only: tasks (default {DEFAULT_TASKS})",
     )
@@ -127,7 +124,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_job(ns: argparse.Namespace) -> JobArgs:
+def parse_job(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> JobArgs:
     options = {
         "ranks_per_node": ns.ranks_per_node,
         "readers": ns.readers,
@@ -135,12 +132,14 @@ def parse_job(ns: argparse.Namespace) -> JobArgs:
         "memory_limit": ns.memory_limit,
         "quiet": ns.quiet,
     }
+    if ns.jobfile is not None and (ns.demo_size is not None or ns.demo_tasks is not None):
+        parser.error("--demo-size and --demo-tasks are for the demo job, which runs when no JOBFILE is given")
     return JobArgs(
         jobfile=ns.jobfile,
         inputs=tuple(ns.inputs),
         options=tuple((k, v) for k, v in options.items() if v is not None),
-        demo_size=ns.demo_size if isinstance(ns.demo_size, int) else _size(ns.demo_size),
-        demo_tasks=ns.demo_tasks,
+        demo_size=ns.demo_size or DEFAULT_SIZE,
+        demo_tasks=ns.demo_tasks or DEFAULT_TASKS,
     )
 
 
@@ -173,9 +172,10 @@ def _job(args: JobArgs) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m hpcshare`` and the ``hpcshare`` command."""
-    ns = _parser().parse_args(argv)
+    parser = _parser()
+    ns = parser.parse_args(argv)
     if ns.command == "job":
-        return _job(parse_job(ns))
+        return _job(parse_job(ns, parser))
     from .info import print_info
 
     return print_info()

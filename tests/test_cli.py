@@ -126,7 +126,7 @@ def test_a_failing_main_prints_one_traceback_and_fails_fast(tmp_path):
     (tmp_path / "bad.py").write_text(
         "def main(client, inputs):\n    raise RuntimeError('the model diverged')\n"
     )
-    run = hpcshare(4, "job", str(tmp_path / "bad.py"), "--demo-size", "1MiB", timeout=60)
+    run = hpcshare(4, "job", str(tmp_path / "bad.py"), timeout=60)
     assert run.returncode != 0
     assert run.output.count("Traceback (most recent call last)") == 1, run
     assert run.output.count("RuntimeError: the model diverged") == 2, run  # traceback + summary line
@@ -187,16 +187,25 @@ def test_info_warns_about_singletons():
     assert "WARNING: this rank sees an MPI world of 1 rank, but SLURM_NTASKS=8" in run.stderr, run
 
 
-def test_bad_arguments_are_refused_by_the_parser():
-    run = run_cmd([sys.executable, "-m", "hpcshare", "job", "--input", "nonamehere"], timeout=30)
-    assert run.returncode == 2 and "is not NAME=SOURCE" in run.stderr
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--input", "nonamehere"], "is not NAME=SOURCE"),
+        (["job.py", "--demo-size", "1GiB"], "are for the demo job"),
+        (["--demo-size", "lots"], "not a size"),
+        (["--ranks-per-node", "0"], "at least 1"),
+    ],
+)
+def test_bad_arguments_are_refused_by_the_parser(args, message):
+    run = run_cmd([sys.executable, "-m", "hpcshare", "job", *args], timeout=30)
+    assert run.returncode == 2 and message in run.stderr, run
 
 
 def test_a_rank_that_dies_ends_the_job_and_leaves_nothing_in_shm(tmp_path):
     (tmp_path / "crash.py").write_text(
         "import os\n\ndef main(client, inputs):\n    client.submit(os._exit, 3).result()\n"
     )
-    run = hpcshare(4, "job", str(tmp_path / "crash.py"), "--demo-size", "8MiB", timeout=60)
+    run = hpcshare(4, "job", str(tmp_path / "crash.py"), "-i", "x=numpy:eye", timeout=60)
     assert run.returncode != 0, run
     # clean_shm checks /dev/shm once the job's watcher has run
 
