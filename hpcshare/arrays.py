@@ -121,10 +121,13 @@ def dask_array(handle: Handle, chunks: Any = "auto") -> da.Array:
 
     if not isinstance(handle, Handle):
         raise TypeError(f"dask_array() takes an hpcshare Handle, got {type(handle).__name__}")
+    from dask.base import tokenize
+
+    chunks = da.core.normalize_chunks(chunks, handle.shape, dtype=handle.dtype)
     return da.from_array(
         handle,
         chunks=chunks,
-        name=f"hpcshare-{handle.name}-{handle.generation}",
+        name=f"hpcshare-{handle.name}-{tokenize(handle, chunks)}",
         lock=False,
         asarray=False,
         fancy=False,

@@ -113,7 +113,7 @@ class JobConfig:
             shm_headroom=_bytes("shm_headroom", raw["shm_headroom"]),
             quiet=bool(quiet),
             timeout=timeout,
-            nthreads=_positive_int("nthreads", raw["nthreads"]) or 1,
+            nthreads=int(_positive_int("nthreads", raw["nthreads"]) or 0),
             memory_limit=None if memory_limit in (None, "auto") else _bytes("memory_limit", memory_limit),
             dashboard_address=str(raw["dashboard_address"]),
             dask_log_level=level,

@@ -60,7 +60,6 @@ class Handle:
     dtype: np.dtype
     order: str  # "C" or "F"
     generation: str
-    offset: int = 0
 
     @property
     def nbytes(self) -> int:
@@ -128,17 +127,17 @@ class Handle:
     def __reduce__(self) -> tuple[Any, ...]:
         # Compact pickle: a dtype goes as its string (or field list), not as an object.
         dt = self.dtype.str if self.dtype.fields is None else _npformat.dtype_to_descr(self.dtype)
-        return (_rebuild, (self.name, self.shape, dt, self.order, self.generation, self.offset))
+        return (_rebuild, (self.name, self.shape, dt, self.order, self.generation))
 
     def __dask_tokenize__(self) -> tuple[str, ...]:
-        return ("hpcshare.Handle", self.name, self.generation, str(self.offset))
+        return ("hpcshare.Handle", self.name, self.generation)
 
     def __repr__(self) -> str:
         return f"Handle({self.name!r}, shape={self.shape}, dtype={self.dtype}, order={self.order!r})"
 
 
-def _rebuild(name: str, shape: tuple[int, ...], dt: Any, order: str, generation: str, offset: int) -> Handle:
-    return Handle(name, tuple(shape), _npformat.descr_to_dtype(dt), order, generation, offset)
+def _rebuild(name: str, shape: tuple[int, ...], dt: Any, order: str, generation: str) -> Handle:
+    return Handle(name, tuple(shape), _npformat.descr_to_dtype(dt), order, generation)
 
 
 def _sizeof_handle(h: Handle) -> int:

@@ -16,6 +16,20 @@ __all__ = ["print_info"]
 _THREAD_LEVELS = {0: "single", 1: "funneled", 2: "serialized", 3: "multiple"}
 
 
+def _mpi_library_file() -> str | None:
+    """The shared MPI library this process loaded (from /proc/self/maps)."""
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                path = line.split(maxsplit=5)[-1].strip()
+                name = os.path.basename(path)
+                if name.startswith(("libmpi.so", "libmpich.so", "libmpi_", "libmpicxx")):
+                    return path
+    except OSError:
+        pass
+    return None
+
+
 def print_info(shm_dir: str | None = None) -> int:
     """Print what the job would see, on world rank 0 (collective on COMM_WORLD)."""
     import dask.config
@@ -44,12 +58,9 @@ def print_info(shm_dir: str | None = None) -> int:
     print(
         f"MPI standard {'.'.join(map(str, MPI.Get_version()))}, thread level {_THREAD_LEVELS.get(level, level)}"
     )
-    try:
-        import mpi4py
+    import mpi4py
 
-        print(f"mpi4py {mpi4py.__version__}: {mpi4py.get_config().get('mpicc', 'binary wheel')}")
-    except Exception:  # pragma: no cover
-        pass
+    print(f"mpi4py {mpi4py.__version__}, MPI library file {_mpi_library_file() or 'unknown'}")
     hosts: dict[str, list[tuple[int, int, int, int, int, int]]] = {}
     for row in rows:
         hosts.setdefault(row[1], []).append(row)

@@ -24,7 +24,7 @@ import numpy as np
 
 from .errors import InputError
 
-__all__ = ["ArrayMeta", "Fill", "Source", "parse_source"]
+__all__ = ["ArrayMeta", "Fill", "Source", "check_dtype", "parse_source", "source_for"]
 
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".he5", ".nc", ".nc4")
 _NAME_OK = "letters, digits, '_', '-' and '.'"
@@ -105,9 +105,10 @@ def _valid_name(name: str) -> None:
 class Source:
     """Base class of input sources.
 
-    ``describe`` runs on one rank; ``read_slab`` runs on the node's readers,
-    each for its own byte or row range. Sources are picklable so every rank
-    gets the same one.
+    ``describe`` runs on world rank 0. A ``parallel`` source (a file) is then
+    read by every node's readers, each calling ``read_slab`` for its own part;
+    any other source is written once by ``fill`` on world rank 0 and copied to
+    the other nodes over MPI.
     """
 
     name: str
@@ -126,6 +127,10 @@ class Source:
         """Read bytes ``start:stop`` of the array into ``out`` (the whole window, uint8)."""
         raise NotImplementedError
 
+    def fill(self, meta: ArrayMeta, out: np.ndarray) -> None:
+        """Write the whole array into ``out`` (the window, uint8), on the rank that described it."""
+        raise NotImplementedError
+
 
 def _split(total: int, n: int, align: int) -> list[tuple[int, int]]:
     """Cut ``range(total)`` into at most ``n`` ranges whose inner bounds are multiples of ``align``."""
@@ -134,6 +139,20 @@ def _split(total: int, n: int, align: int) -> list[tuple[int, int]]:
     step = -(-total // max(n, 1))
     step = -(-step // align) * align
     return [(a, min(a + step, total)) for a in range(0, total, step)]
+
+
+def _npy_header_via_memmap(name: str, path: str) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    try:
+        mm = np.load(path, mmap_mode="r")
+    except ValueError as exc:  # object dtypes cannot be memory-mapped
+        raise InputError(
+            f"input {name!r} ({path}) cannot be placed: {exc}. Store it with a fixed-size dtype."
+        ) from None
+    try:
+        fortran = bool(mm.flags.f_contiguous and not mm.flags.c_contiguous)
+        return tuple(mm.shape), fortran, mm.dtype, int(mm.offset)
+    finally:
+        mm._mmap.close()  # type: ignore[union-attr]
 
 
 class NpySource(Source):
@@ -150,9 +169,12 @@ class NpySource(Source):
                 version = npformat.read_magic(f)
                 if version == (1, 0):
                     shape, fortran, dtype = npformat.read_array_header_1_0(f)
-                else:  # 2.0 and 3.0 share the header layout; 3.0 is UTF-8
+                    offset = f.tell()
+                elif version == (2, 0):
                     shape, fortran, dtype = npformat.read_array_header_2_0(f)
-                offset = f.tell()
+                    offset = f.tell()
+                else:  # 3.0: a UTF-8 header, which only NumPy's own reader decodes
+                    shape, fortran, dtype, offset = _npy_header_via_memmap(self.name, self.path)
                 size = os.fstat(f.fileno()).st_size
         except FileNotFoundError:
             raise InputError(

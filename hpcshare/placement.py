@@ -14,7 +14,7 @@ from dask.utils import format_bytes, format_time
 
 from . import _sync
 from .handles import Handle, _register, _unregister
-from .loaders import ArrayMeta, FunctionSource, Source
+from .loaders import ArrayMeta, Source
 from .windows import NodeWindow, check_capacity
 
 if TYPE_CHECKING:
@@ -160,8 +160,9 @@ def place_inputs(topo: Topology, sources: Sequence[Source], config: JobConfig, g
     try:
         t = time.perf_counter()
         windows: list[NodeWindow] = []
-        for src, meta in zip(sources, metas, strict=False):
-            windows.append(NodeWindow.allocate(topo.node, meta.nbytes, src.name))
+        for src, meta in zip(sources, metas, strict=True):
+            with _sync.Collective(world):
+                windows.append(NodeWindow.allocate(topo.node, meta.nbytes, src.name))
             placed[src.name] = PlacedInput(src, meta, windows[-1], None)  # type: ignore[arg-type]
         timings["allocate"] = time.perf_counter() - t
 
@@ -171,19 +172,21 @@ def place_inputs(topo: Topology, sources: Sequence[Source], config: JobConfig, g
         readers = _readers(topo, config)
         with _sync.Collective(world):
             for src, meta, win in zip(sources, metas, windows, strict=False):
-                if isinstance(src, FunctionSource):
-                    if topo.rank == 0:
-                        src.fill(meta, win.bytes())
-                else:
+                if src.parallel:
                     _read_parallel(topo, src, meta, win.bytes(), readers, chatty)
+                elif topo.rank == 0:
+                    src.fill(meta, win.bytes())
         timings["read"] = time.perf_counter() - t
 
         t = time.perf_counter()
         with _sync.Collective(world):
-            for src, win in zip(sources, windows, strict=False):
-                if isinstance(src, FunctionSource):
+            for src, win in zip(sources, windows, strict=True):
+                if not src.parallel:
                     _broadcast_between_nodes(topo, win)
+                win.sync()  # publish this rank's writes before the others read
         timings["broadcast"] = time.perf_counter() - t
+        for win in windows:
+            win.sync()  # and see theirs
     except BaseException:
         placement.free()
         raise

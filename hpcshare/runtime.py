@@ -8,6 +8,7 @@ is measured, windows are freed, communicators are freed.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -16,7 +17,7 @@ import sys
 import traceback
 import uuid
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -74,27 +75,26 @@ def abort(comm: MPI.Comm | None = None, code: int = 1) -> None:
     (comm or MPI.COMM_WORLD).Abort(code)
 
 
-_reaper_started = False
+_reaper: subprocess.Popen[bytes] | None = None  # kept so it is not reaped (and warned about) early
 
 
 def _start_reaper(topo: Topology) -> None:
     """Start the /dev/shm watcher for this host's ranks, once per process (collective on world)."""
-    global _reaper_started
+    global _reaper
     pids = topo.host.gather(os.getpid(), root=0)
-    if _reaper_started or topo.host.Get_rank() != 0:
+    if _reaper is not None or topo.host.Get_rank() != 0:
         return
     paths = _mpi_shm_files()
     if not paths or pids is None:
         return
     script = os.path.join(os.path.dirname(__file__), "_reaper.py")
-    subprocess.Popen(
+    _reaper = subprocess.Popen(
         [sys.executable, "-I", script, ",".join(map(str, pids)), *paths],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    _reaper_started = True
 
 
 def _idle_comm(comm: MPI.Intracomm, timeout: float) -> MPI.Intracomm:
@@ -173,7 +173,10 @@ def _client_main(
 
     result: Any = None
     error: BaseException | None = None
-    client = Client(timeout=config.timeout)
+    try:
+        client = Client(timeout=config.timeout)
+    except Exception as exc:  # the scheduler is unreachable: nobody can stop it but an abort
+        return None, HpcshareError(f"the client could not connect to the Dask scheduler: {exc}")
     try:
         client.wait_for_workers(n_workers, timeout=config.timeout)
         client.register_plugin(_ViewGuard(), name=_ViewGuard.name)
@@ -188,19 +191,27 @@ def _client_main(
     except Exception as exc:
         error = exc
     finally:
-        _quiet_shutdown()
-        try:
-            client.shutdown()
-        except Exception:
-            pass
-        client.close()
+        with _quiet_loggers():
+            try:
+                client.shutdown()
+            except Exception:
+                pass
+            client.close()
     return result, error
 
 
-def _quiet_shutdown() -> None:
+@contextlib.contextmanager
+def _quiet_loggers() -> Iterator[None]:
     """Silence the tracebacks Dask logs while its comms close at the end of a job."""
-    for name in ("distributed", "tornado", "asyncio"):
-        logging.getLogger(name).setLevel(logging.CRITICAL)
+    loggers = [logging.getLogger(name) for name in ("distributed", "tornado", "asyncio")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
 
 
 def _run_dask(
@@ -263,7 +274,9 @@ def load_main(main: MainFunction | str | os.PathLike[str] | None) -> MainFunctio
         raise ConfigError(f"job file {path!r} is not a Python file")
     module = importlib.util.module_from_spec(spec)
     sys.modules["hpcshare_job"] = module
-    sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
+    folder = os.path.dirname(os.path.abspath(path))
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
     spec.loader.exec_module(module)
     func = getattr(module, "main", None)
     if not callable(func):
@@ -311,8 +324,9 @@ def run(
     ------
     HpcshareError
         On every rank, with the same message, when the job cannot start or
-        ``main`` raised (:class:`~hpcshare.JobFailed`). Nothing is left in
-        shared memory either way.
+        ``main`` raised (:class:`~hpcshare.JobFailed`). The shared memory is
+        freed either way, unless arrays that view it are still referenced
+        (then it stays mapped until the process exits, with a warning).
     """
     from mpi4py import MPI
 
@@ -334,6 +348,8 @@ def run(
             try:
                 _report(topo, placement, config)
             except _sync.WaitTimeout as exc:
+                if error is not None:
+                    print(f"hpcshare: error: {error}", file=sys.stderr, flush=True)
                 print(f"hpcshare: {exc}; aborting the job", file=sys.stderr, flush=True)
                 abort(world, 1)
         finally:

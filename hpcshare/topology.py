@@ -12,7 +12,7 @@ from .errors import ConfigError, TopologyError
 if TYPE_CHECKING:
     from mpi4py import MPI
 
-__all__ = ["MIN_RANKS", "Topology", "launcher_size"]
+__all__ = ["MIN_RANKS", "Topology", "check_world", "launcher_size", "role_of"]
 
 SCHEDULER_RANK = 0
 CLIENT_RANK = 1

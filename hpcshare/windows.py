@@ -44,7 +44,7 @@ def check_capacity(path: str, need: int, headroom: int, what: str) -> None:
         ) from exc
     if need + headroom > free:
         raise CapacityError(
-            f"{what} need {format_bytes(need)} of shared memory on this node, but "
+            f"{what} need {format_bytes(need)} of shared memory on this host, but "
             f"{path} has {format_bytes(free)} free of {format_bytes(total)} "
             f"(plus {format_bytes(headroom)} kept free). Run on nodes with more "
             "memory, use fewer or smaller inputs, or grow the file system: in a "
@@ -81,7 +81,19 @@ class NodeWindow:
 
         size = max(nbytes, 1) if comm.Get_rank() == 0 else 1
         win = MPI.Win.Allocate_shared(size, 1, comm=comm)  # type: ignore[arg-type]
+        # A passive-target epoch for the window's whole life, so sync() may be called
+        # (the MPI memory model asks for MPI_Win_sync between direct stores and loads
+        # by other ranks; x86 does not need it, weaker memory models do).
+        win.Lock_all(MPI.MODE_NOCHECK)
         return cls(win, comm, nbytes, name)
+
+    def sync(self) -> None:
+        """Make this rank's stores visible and the others' visible here (local).
+
+        Call after writing and again after the barrier that follows.
+        """
+        if self._base is not None:
+            self._win.Sync()
 
     @property
     def freed(self) -> bool:
@@ -123,7 +135,9 @@ class NodeWindow:
                 )
             _deferred.append(self)
             self._base = None
+            self._win.Unlock_all()
             return
         self._base = None
         self._buffer = None
+        self._win.Unlock_all()
         self._win.Free()

@@ -144,7 +144,7 @@ def test_a_failing_main_prints_one_traceback_and_fails_fast(tmp_path):
         (["--input", "x={d}/d.h5:/text"], "input 'x' ({d}/d.h5:/text) has dtype object"),
         (["--input", "x={d}/table.csv"], "cannot tell what kind of source"),
         (["--input", "x=no_such_module_xyz:make"], "cannot import module 'no_such_module_xyz'"),
-        (["--demo-size", "100TiB"], "need 100.00 TiB of shared memory on this node, but /dev/shm has"),
+        (["--demo-size", "100TiB"], "need 100.00 TiB of shared memory on this host, but /dev/shm has"),
     ],
 )
 def test_bad_inputs_fail_before_allocating_with_a_clear_message(inputs, args, message):

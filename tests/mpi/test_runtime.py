@@ -12,6 +12,7 @@ import textwrap
 import time
 
 import dask
+import dask.array
 import h5py
 import numpy as np
 import pytest
@@ -43,6 +44,7 @@ def expected_arrays():
         "scalar": np.array(3.25),
         "func": np.arange(12, dtype=np.complex128).reshape(3, 4) * (1 + 2j),
         "filled": np.full((50, 3), 7, dtype=np.uint32),
+        "utf8": np.array([(1.5, 2), (2.5, 3)], dtype=[("温度", "f8"), ("n", "i2")]),
     }
 
 
@@ -52,6 +54,8 @@ def write_inputs(d):
     np.save(d / "fortran.npy", arrays["fortran"])
     np.save(d / "flags.npy", arrays["flags"])
     np.save(d / "empty.npy", arrays["empty"])
+    with open(d / "utf8.npy", "wb") as f:  # a version 3.0 header (UTF-8 field names)
+        np.lib.format.write_array(f, arrays["utf8"], version=(3, 0))
     with h5py.File(d / "data.h5", "w") as f:
         f.create_dataset("/g/grid", data=arrays["grid"], chunks=(10, 17), compression="gzip")
         f.create_dataset("records", data=arrays["records"], chunks=(3,), compression="gzip", shuffle=True)
@@ -79,6 +83,7 @@ def sources(d):
         "fortran": str(d / "fortran.npy"),
         "flags": str(d / "flags.npy"),
         "empty": str(d / "empty.npy"),
+        "utf8": str(d / "utf8.npy"),
         "grid": f"{d}/data.h5:/g/grid",
         "records": f"{d}/data.h5:/records",
         "names": f"{d}/data.h5:/names",
@@ -213,11 +218,15 @@ def test_handles_work_with_submit_map_delayed_and_as_arrays(comm):
         b = client.gather(client.map(add, [h] * 3, [0, 1, 2]))
         c = dask.delayed(add)(h, 5).compute()
         d = float(hpcshare.dask_array(h, chunks=4)[6:9].sum().compute())
-        return a, b, c, d, h.shape, h.dtype
+        x, y = hpcshare.dask_array(h, chunks=2), hpcshare.dask_array(h, chunks=5)
+        e = float((x.sum() + y.sum()).compute())  # two chunkings of one input are two arrays
+        f = dask.array.concatenate([x, y]).compute().tolist()
+        return a, b, c, d, e, f, h.shape, h.dtype
 
     result = hpcshare.run(main, {"v": lambda: np.arange(10.0) * 2}, **QUIET)
     if comm.rank == 1:
-        assert result == (6.0, [0.0, 2.0, 4.0], 10.0, 12.0 + 14.0 + 16.0, (10,), np.dtype("f8"))
+        v = [float(i) * 2 for i in range(10)]
+        assert result == (6.0, [0.0, 2.0, 4.0], 10.0, 12.0 + 14.0 + 16.0, 180.0, v + v, (10,), np.dtype("f8"))
 
 
 def test_a_failing_main_fails_every_rank(comm):
