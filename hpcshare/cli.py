@@ -116,6 +116,36 @@ def _parser() -> argparse.ArgumentParser:
         help=f"demo job only: tasks (default {DEFAULT_TASKS})",
     )
 
+    bench = sub.add_parser(
+        "bench",
+        help="compare hpcshare with Dask, fork and Ray on one workload",
+        description=(
+            "Run the same workload (T tasks that each read a whole input of S bytes, on W "
+            "workers) under hpcshare, dask-mpi with scatter(broadcast=True), dask-mpi with the "
+            "seed pattern client.submit(create_data), a fork-based process pool and Ray (if "
+            "installed), one after another; measure each from outside (node memory as the sum "
+            "of PSS over its processes, sampled; time to ready; task phase; bytes moved). "
+            "Run it directly, not under mpiexec: it starts mpiexec itself."
+        ),
+    )
+    bench.add_argument(
+        "--sizes", default="256MiB,1GiB", metavar="S[,S...]", help="input sizes (default 256MiB,1GiB)"
+    )
+    bench.add_argument("--workers", default="1,2,4", metavar="W[,W...]", help="worker counts (default 1,2,4)")
+    bench.add_argument("--tasks", type=_positive, default=16, metavar="T", help="tasks per run (default 16)")
+    bench.add_argument(
+        "--contenders",
+        default="hpcshare,hpcshare-h5,scatter,submit,fork,ray",
+        metavar="NAME[,NAME...]",
+        help="which to run (default: all of hpcshare,hpcshare-h5,scatter,submit,fork,ray)",
+    )
+    bench.add_argument(
+        "--out", default="bench-out", metavar="DIR", help="where bench.json, bench.txt and bench.png go"
+    )
+    bench.add_argument(
+        "--scratch", metavar="DIR", help="where the input files are written (default: the temp dir)"
+    )
+
     sub.add_parser(
         "info",
         help="show topology, MPI library and shared memory",
@@ -170,12 +200,33 @@ def _job(args: JobArgs) -> int:
     return 0
 
 
+def _bench(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .bench import config_from_args, run_bench
+    from .errors import ConfigError
+
+    try:
+        cfg = config_from_args(ns.sizes, ns.workers, ns.tasks, ns.contenders, ns.out, ns.scratch)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    result = run_bench(cfg)
+    failed = [r for r in result["rows"] if r["status"] == "failed"]
+    if failed or not result["checksums_agree"]:
+        print(
+            f"bench: {len(failed)} run(s) failed; checksums agree: {result['checksums_agree']}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m hpcshare`` and the ``hpcshare`` command."""
     parser = _parser()
     ns = parser.parse_args(argv)
     if ns.command == "job":
         return _job(parse_job(ns, parser))
+    if ns.command == "bench":
+        return _bench(ns, parser)
     from .info import print_info
 
     return print_info()

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import functools
+import mmap
 import os
 import sys
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from dask.utils import format_bytes, format_time
 
 from . import _sync
 from .handles import Handle, _register, _unregister
-from .loaders import ArrayMeta, Source
+from .loaders import ArrayMeta, Source, _split
 from .windows import NodeWindow, check_capacity
 
 if TYPE_CHECKING:
@@ -49,6 +52,9 @@ class Placement:
 
     inputs: dict[str, PlacedInput]
     timings: dict[str, float]
+    #: per rank: seconds reading its own share, seconds waiting for the others,
+    #: CPU seconds during reading and waiting, and whether it read or sent data
+    ranks: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     @property
     def handles(self) -> dict[str, Handle]:
@@ -96,8 +102,38 @@ def _readers(topo: Topology, config: JobConfig) -> int:
     return max(1, min(topo.node.Get_size(), cpus))
 
 
+_MADV_POPULATE_WRITE = 23  # Linux 5.14+
+_PREFAULT = os.environ.get("HPCSHARE_PREFAULT", "1") == "1"  # for measuring; see docs/benchmarks.md
+
+
+def _prefault(out: np.ndarray, start: int, stop: int) -> None:
+    """Allocate the pages of ``out[start:stop]`` in one call (local; best effort).
+
+    First-touch faults on shared memory cost about 1 s per GiB on one core;
+    the kernel populates the same pages faster, and each reader does its own
+    share, so the node's cores split the work.
+    """
+    if stop <= start:
+        return
+    libc = _libc()
+    if libc is None:
+        return
+    page = mmap.PAGESIZE
+    addr = out.ctypes.data + start
+    lo = addr - addr % page
+    libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(addr + (stop - start) - lo), _MADV_POPULATE_WRITE)
+
+
+@functools.cache
+def _libc() -> Any:
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:  # pragma: no cover - not Linux
+        return None
+
+
 def _read_parallel(
-    topo: Topology, src: Source, meta: ArrayMeta, out: np.ndarray, readers: int, chatty: bool
+    topo: Topology, src: Source, meta: ArrayMeta, out: np.ndarray, readers: int, chatty: bool, prefault: bool
 ) -> None:
     """Read this rank's pieces of ``src`` (local; the node's readers together read all)."""
     pieces = src.slabs(meta, max(readers, -(-meta.nbytes // _PIECE)))
@@ -106,7 +142,11 @@ def _read_parallel(
         return
     per = -(-len(pieces) // readers)
     mine = pieces[me * per : (me + 1) * per]
+    if not mine:  # fewer pieces than readers (a small or single-chunk input)
+        return
     progress = _Progress(src.name, sum(b - a for a, b in mine), chatty)
+    if prefault:
+        _prefault(out, mine[0][0], mine[-1][1])
     for a, b in mine:
         src.read_slab(meta, out, a, b)
         progress.add(b - a)
@@ -170,13 +210,23 @@ def place_inputs(topo: Topology, sources: Sequence[Source], config: JobConfig, g
         if chatty and total >= _PIECE:
             log(f"placing {len(metas)} input(s), {format_bytes(total)} per node, on {topo.n_nodes} node(s)")
         readers = _readers(topo, config)
+        cpu = time.process_time()
         with _sync.Collective(world):
-            for src, meta, win in zip(sources, metas, windows, strict=False):
+            for src, meta, win in zip(sources, metas, windows, strict=True):
                 if src.parallel:
-                    _read_parallel(topo, src, meta, win.bytes(), readers, chatty)
-                elif topo.rank == 0:
+                    _read_parallel(topo, src, meta, win.bytes(), readers, chatty, _PREFAULT)
+                    continue
+                # one rank writes (rank 0) or receives (a leader); the readers
+                # allocate the pages meanwhile, in parallel
+                if _PREFAULT and topo.node.Get_rank() < readers:
+                    shares = _split(meta.nbytes, readers, mmap.PAGESIZE)
+                    if topo.node.Get_rank() < len(shares):
+                        _prefault(win.bytes(), *shares[topo.node.Get_rank()])
+                if topo.rank == 0:
                     src.fill(meta, win.bytes())
+            own_read = time.perf_counter() - t
         timings["read"] = time.perf_counter() - t
+        wait = timings["read"] - own_read
 
         t = time.perf_counter()
         with _sync.Collective(world):
@@ -184,7 +234,10 @@ def place_inputs(topo: Topology, sources: Sequence[Source], config: JobConfig, g
                 if not src.parallel:
                     _broadcast_between_nodes(topo, win)
                 win.sync()  # publish this rank's writes before the others read
+            own_bcast = time.perf_counter() - t
         timings["broadcast"] = time.perf_counter() - t
+        wait += timings["broadcast"] - own_bcast
+        cpu = time.process_time() - cpu
         for win in windows:
             win.sync()  # and see theirs
     except BaseException:
@@ -197,6 +250,9 @@ def place_inputs(topo: Topology, sources: Sequence[Source], config: JobConfig, g
         handle = Handle(src.name, meta.shape, meta.dtype, meta.order, generation)
         placed[src.name] = PlacedInput(src, meta, win, handle)
     timings["total"] = time.perf_counter() - t0
+    did_work = topo.node.Get_rank() < readers or topo.rank == 0 or (topo.is_leader and topo.n_nodes > 1)
+    mine = {"rank": topo.rank, "read": own_read, "wait": wait, "cpu": cpu, "worked": did_work}
+    placement.ranks = world.allgather(mine)
     if chatty and metas:
         rate = total / max(timings["read"], 1e-9)
         log(

@@ -75,6 +75,14 @@ def abort(comm: MPI.Comm | None = None, code: int = 1) -> None:
     (comm or MPI.COMM_WORLD).Abort(code)
 
 
+_current: Placement | None = None  # the running job's inputs in this process
+
+
+def current_placement() -> Placement | None:
+    """The inputs of the job running in this process, with placement timings (local)."""
+    return _current
+
+
 _reaper: subprocess.Popen[bytes] | None = None  # kept so it is not reaped (and warned about) early
 
 
@@ -343,6 +351,8 @@ def run(
         _start_reaper(topo)
         generation = _sync.bcast(world, uuid.uuid4().hex[:12] if topo.rank == 0 else None)
         placement = place_inputs(topo, sources, config, generation)
+        global _current
+        _current = placement
         try:
             result, error = _run_dask(topo, config, job, placement)
             try:
@@ -353,6 +363,7 @@ def run(
                 print(f"hpcshare: {exc}; aborting the job", file=sys.stderr, flush=True)
                 abort(world, 1)
         finally:
+            _current = None
             placement.free()
     finally:
         topo.free()

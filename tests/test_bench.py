@@ -1,0 +1,87 @@
+"""``hpcshare bench`` keeps working: every contender runs and they agree (no timings checked)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+from conftest import run_cmd
+
+from hpcshare.bench import make_inputs, memory_needed, run_one
+
+
+@pytest.mark.usefixtures("clean_shm")
+def test_every_contender_runs_the_same_workload_and_agrees(tmp_path):
+    out = tmp_path / "out"
+    run = run_cmd(
+        [
+            sys.executable,
+            "-m",
+            "hpcshare",
+            "bench",
+            "--sizes",
+            "4MiB",
+            "--workers",
+            "2",
+            "--tasks",
+            "5",
+            "--out",
+            str(out),
+        ],
+        timeout=400,
+    )
+    assert run.returncode == 0, run
+    result = json.loads((out / "bench.json").read_text())
+    rows = {r["contender"]: r for r in result["rows"]}
+    for name in (
+        "hpcshare",
+        "hpcshare-h5",
+        "hpcshare-empty",
+        "scatter",
+        "submit",
+        "fork",
+        "shm-copy",
+        "h5-read-direct",
+    ):
+        assert rows[name]["status"] == "ok", rows[name]
+    try:
+        import ray  # noqa: F401
+
+        assert rows["ray"]["status"] == "ok", rows["ray"]
+    except ImportError:
+        assert rows["ray"]["status"] == "skipped" and "Ray is not installed" in rows["ray"]["note"]
+
+    # the same answer as computing the workload here
+    x, _ = make_inputs(tmp_path, 4 * 2**20)
+    data = np.load(x)
+    expected = sum((i + 1) * float(np.dot(data, data)) for i in range(5))
+    ran = [r for r in rows.values() if "checksum" in r and r["contender"] != "hpcshare-empty"]
+    assert len(ran) >= 5
+    assert all(r["checksum"] == pytest.approx(expected, rel=1e-12) for r in ran), ran
+    assert result["checksums_agree"] is True
+
+    # figures a reader relies on are there and sane
+    hp = rows["hpcshare"]
+    assert hp["node_memory"] > 4 * 2**20 and hp["processes"] >= 4
+    assert 0 < hp["resolve_us_median"] <= hp["resolve_us_p99"]
+    assert set(hp["placement"]) == {"allocate", "read", "wait", "total"}
+    assert rows["scatter"]["moved_bytes"] >= 2 * 4 * 2**20  # one copy sent to each of 2 workers
+    assert hp["moved_bytes"] < 2**20  # hpcshare moves no input bytes
+
+    text = (out / "bench.txt").read_text()
+    assert all(name in text for name in rows)
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_contender_that_would_not_fit_is_skipped_with_its_figure(tmp_path):
+    row = run_one("scatter", tmp_path / "x.npy", tmp_path / "x.h5", 2**40, 6, 4, tmp_path, 60)
+    assert row["status"] == "skipped"
+    assert row["note"].startswith(f"needs about {memory_needed('scatter', 2**40, 6) / 2**40:.2f} TiB")
+
+
+@pytest.mark.parametrize("args", [["--sizes", "lots"], ["--workers", "0"], ["--contenders", "dask,spark"]])
+def test_bad_bench_arguments_are_refused(args):
+    run = run_cmd([sys.executable, "-m", "hpcshare", "bench", *args], timeout=30)
+    assert run.returncode == 2, run
