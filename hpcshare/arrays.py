@@ -99,6 +99,8 @@ class SharedChunk(np.ndarray):
 def _chunk(handle: Handle, index: tuple[Any, ...], asarray: bool = True, lock: Any = None) -> SharedChunk:
     """The chunk ``index`` of ``handle`` on this node (local; a dask array getter)."""
     view = handle.resolve()[index]
+    if not isinstance(view, np.ndarray):  # a 0-d input: index () gives a scalar, not a view
+        view = handle.resolve()[...]
     chunk = view.view(SharedChunk)
     chunk._hpcshare_ref = _ref_for(view, handle)
     return chunk

@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import os
+import signal
 import sys
 import traceback
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from dask.utils import parse_bytes
 
@@ -58,8 +60,27 @@ def _input(text: str) -> tuple[str, str]:
     return name.strip(), source.strip()
 
 
+def _launcher_rank() -> int:
+    """This process's rank as the launcher set it, before MPI starts (0 if none)."""
+    for var in ("PMI_RANK", "PMIX_RANK", "OMPI_COMM_WORLD_RANK", "SLURM_PROCID"):
+        value = os.environ.get(var, "")
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors are printed by the first rank only, not once per rank."""
+
+    def error(self, message: str) -> NoReturn:
+        if _launcher_rank() == 0:
+            self.print_usage(sys.stderr)
+            print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="hpcshare",
         description="Run Dask on MPI ranks with large read-only inputs held once per node.",
     )
@@ -76,6 +97,7 @@ def _parser() -> argparse.ArgumentParser:
             "the built-in demo job. Needs at least 3 ranks."
         ),
     )
+    job.set_defaults(subparser=job)
     job.add_argument(
         "jobfile", nargs="?", metavar="JOBFILE", help="Python file defining main(client, inputs)"
     )
@@ -99,7 +121,9 @@ def _parser() -> argparse.ArgumentParser:
         help="ranks per node that read a file in parallel (default: auto)",
     )
     job.add_argument("--nthreads", type=_positive, metavar="N", help="threads per Dask worker (default 1)")
-    job.add_argument("--memory-limit", metavar="SIZE", help="private memory per worker (default: auto)")
+    job.add_argument(
+        "--memory-limit", metavar="SIZE", help="private memory per worker, 0 for no limit (default: auto)"
+    )
     job.add_argument(
         "--quiet", "-q", action="store_true", default=None, help="no progress lines or memory report"
     )
@@ -128,6 +152,7 @@ def _parser() -> argparse.ArgumentParser:
             "Run it directly, not under mpiexec: it starts mpiexec itself."
         ),
     )
+    bench.set_defaults(subparser=bench)
     bench.add_argument(
         "--sizes", default="256MiB,1GiB", metavar="S[,S...]", help="input sizes (default 256MiB,1GiB)"
     )
@@ -164,6 +189,10 @@ def parse_job(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> JobArg
     }
     if ns.jobfile is not None and (ns.demo_size is not None or ns.demo_tasks is not None):
         parser.error("--demo-size and --demo-tasks are for the demo job, which runs when no JOBFILE is given")
+    names = [name for name, _ in ns.inputs]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        parser.error(f"input name(s) given more than once: {', '.join(twice)}")
     return JobArgs(
         jobfile=ns.jobfile,
         inputs=tuple(ns.inputs),
@@ -171,6 +200,15 @@ def parse_job(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> JobArg
         demo_size=ns.demo_size or DEFAULT_SIZE,
         demo_tasks=ns.demo_tasks or DEFAULT_TASKS,
     )
+
+
+def _interrupted(signum: int, frame: Any) -> None:
+    """Ctrl-C: stop the whole job at once, leaving nothing in /dev/shm."""
+    from . import runtime
+
+    if _launcher_rank() in (0, 1):  # rank 0 may be busy in C code; the client rank rarely is
+        print(f"hpcshare: rank {_launcher_rank()} interrupted; stopping the job", file=sys.stderr, flush=True)
+    runtime.abort(code=130)
 
 
 def _job(args: JobArgs) -> int:
@@ -183,6 +221,7 @@ def _job(args: JobArgs) -> int:
     if args.jobfile is None:
         main = functools.partial(demo_main, tasks=args.demo_tasks)
         inputs.setdefault(INPUT_NAME, functools.partial(demo_input, args.demo_size))
+    signal.signal(signal.SIGINT, _interrupted)
     try:
         runtime.run(main, inputs, **dict(args.options))
     except HpcshareError as exc:
@@ -224,9 +263,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     ns = parser.parse_args(argv)
     if ns.command == "job":
-        return _job(parse_job(ns, parser))
+        return _job(parse_job(ns, ns.subparser))
     if ns.command == "bench":
-        return _bench(ns, parser)
+        return _bench(ns, ns.subparser)
     from .info import print_info
 
     return print_info()

@@ -8,6 +8,7 @@ the inputs were placed.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import socket
 import threading
@@ -63,7 +64,7 @@ class Handle:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+        return math.prod(self.shape) * self.dtype.itemsize
 
     @property
     def ndim(self) -> int:
@@ -71,7 +72,7 @@ class Handle:
 
     @property
     def size(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
+        return math.prod(self.shape)
 
     def resolve(self) -> np.ndarray:
         """The read-only, zero-copy view of this input on this node (local, no MPI).

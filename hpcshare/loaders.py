@@ -15,8 +15,10 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.util
+import math
 import os
 import sys
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -44,7 +46,7 @@ class ArrayMeta:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +86,18 @@ def _without_metadata(dtype: np.dtype) -> np.dtype:
         base, shape = dtype.subdtype
         return np.dtype((_without_metadata(base), shape))
     return np.dtype(dtype.str) if dtype.metadata else dtype
+
+
+def check_shape(name: str, shape: tuple[int, ...], dtype: np.dtype, where: str) -> None:
+    """Refuse negative dimensions and sizes no address space can hold (local)."""
+    if any(d < 0 for d in shape):
+        raise InputError(f"input {name!r} ({where}) has shape {shape}: dimensions must be 0 or more")
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes > sys.maxsize:
+        raise InputError(
+            f"input {name!r} ({where}) has shape {shape} of {dtype}: {nbytes} bytes, more than "
+            "any machine can map; is the shape right?"
+        )
 
 
 def check_dtype(name: str, dtype: np.dtype, where: str) -> None:
@@ -186,6 +200,7 @@ class NpySource(Source):
                 f"input {self.name!r}: {self.path!r} is not a readable .npy file: {exc}"
             ) from None
         check_dtype(self.name, dtype, self.path)
+        check_shape(self.name, tuple(shape), dtype, self.path)
         meta = ArrayMeta(tuple(shape), dtype, "F" if fortran and len(shape) > 1 else "C", data_offset=offset)
         if size < offset + meta.nbytes:
             raise InputError(
@@ -245,6 +260,7 @@ class Hdf5Source(Source):
                 )
             dtype = obj.dtype
             check_dtype(self.name, dtype, f"{self.path}:{self.dataset}")
+            check_shape(self.name, tuple(obj.shape), dtype, f"{self.path}:{self.dataset}")
             return ArrayMeta(
                 tuple(obj.shape), _without_metadata(dtype), "C", align_rows=obj.chunks[0] if obj.chunks else 1
             )
@@ -319,7 +335,14 @@ class FunctionSource(Source):
 
     def describe(self) -> ArrayMeta:
         func = self._load()
-        result = func()
+        try:
+            result = func()
+        except Exception as exc:
+            tb = traceback.extract_tb(exc.__traceback__)[-1]
+            raise InputError(
+                f"input {self.name!r}: {self.text} raised {type(exc).__name__}: {exc} "
+                f"(at {tb.filename}:{tb.lineno})"
+            ) from exc
         if isinstance(result, Fill):
             dtype = np.dtype(result.dtype)
             shape = tuple(int(s) for s in np.atleast_1d(np.asarray(result.shape, dtype=np.int64)))
@@ -327,8 +350,14 @@ class FunctionSource(Source):
             if order not in ("C", "F"):
                 raise InputError(f"input {self.name!r}: Fill order must be 'C' or 'F', got {result.order!r}")
             check_dtype(self.name, dtype, self.text)
+            check_shape(self.name, shape, dtype, self.text)
             self._result = result
             return ArrayMeta(shape, dtype, order if len(shape) > 1 else "C")
+        if isinstance(result, np.ma.MaskedArray):
+            raise InputError(
+                f"input {self.name!r}: {self.text} returned a masked array; its mask would be "
+                "lost. Return the data and the mask as two inputs (np.ma.getdata, np.ma.getmaskarray)."
+            )
         if not isinstance(result, np.ndarray):
             try:
                 result = np.asarray(result)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import functools
@@ -9,13 +10,15 @@ import mmap
 import os
 import sys
 import time
-from collections.abc import Sequence
+import traceback
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from dask.utils import format_bytes, format_time
 
 from . import _sync
+from .errors import HpcshareError, InputError
 from .handles import Handle, _register, _unregister
 from .loaders import ArrayMeta, Source, _split
 from .windows import NodeWindow, check_capacity
@@ -102,6 +105,7 @@ def _readers(topo: Topology, config: JobConfig) -> int:
     return max(1, min(topo.node.Get_size(), cpus))
 
 
+_MADV_HUGEPAGE = 14
 _MADV_POPULATE_WRITE = 23  # Linux 5.14+
 _PREFAULT = os.environ.get("HPCSHARE_PREFAULT", "1") == "1"  # for measuring; see docs/benchmarks.md
 
@@ -121,7 +125,11 @@ def _prefault(out: np.ndarray, start: int, stop: int) -> None:
     page = mmap.PAGESIZE
     addr = out.ctypes.data + start
     lo = addr - addr % page
-    libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(addr + (stop - start) - lo), _MADV_POPULATE_WRITE)
+    length = ctypes.c_size_t(addr + (stop - start) - lo)
+    # huge pages, where the administrator allows them for shared memory
+    # (/sys/kernel/mm/transparent_hugepage/shmem_enabled: advise or within_size)
+    libc.madvise(ctypes.c_void_p(lo), length, _MADV_HUGEPAGE)
+    libc.madvise(ctypes.c_void_p(lo), length, _MADV_POPULATE_WRITE)
 
 
 @functools.cache
@@ -162,6 +170,21 @@ def _broadcast_between_nodes(topo: Topology, window: NodeWindow) -> None:
     for a in range(0, window.nbytes, _BCAST_PIECE):
         piece = data[a : a + _BCAST_PIECE]
         _sync.wait(topo.leaders.Ibcast([piece, MPI.BYTE], root=0), what="node 0's leader")
+
+
+@contextlib.contextmanager
+def _naming(src: Source) -> Iterator[None]:
+    """Turn a failure while reading or filling ``src`` into an error that names the input."""
+    try:
+        yield
+    except HpcshareError:
+        raise
+    except Exception as exc:
+        tb = traceback.extract_tb(exc.__traceback__)[-1]
+        raise InputError(
+            f"input {src.name!r}: placing {src.text} failed with {type(exc).__name__}: {exc} "
+            f"(at {tb.filename}:{tb.lineno})"
+        ) from exc
 
 
 def place_inputs(topo: Topology, sources: Sequence[Source], config: JobConfig, generation: str) -> Placement:
@@ -213,17 +236,18 @@ def place_inputs(topo: Topology, sources: Sequence[Source], config: JobConfig, g
         cpu = time.process_time()
         with _sync.Collective(world):
             for src, meta, win in zip(sources, metas, windows, strict=True):
-                if src.parallel:
-                    _read_parallel(topo, src, meta, win.bytes(), readers, chatty, _PREFAULT)
-                    continue
-                # one rank writes (rank 0) or receives (a leader); the readers
-                # allocate the pages meanwhile, in parallel
-                if _PREFAULT and topo.node.Get_rank() < readers:
-                    shares = _split(meta.nbytes, readers, mmap.PAGESIZE)
-                    if topo.node.Get_rank() < len(shares):
-                        _prefault(win.bytes(), *shares[topo.node.Get_rank()])
-                if topo.rank == 0:
-                    src.fill(meta, win.bytes())
+                with _naming(src):
+                    if src.parallel:
+                        _read_parallel(topo, src, meta, win.bytes(), readers, chatty, _PREFAULT)
+                        continue
+                    # one rank writes (rank 0) or receives (a leader); the readers
+                    # allocate the pages meanwhile, in parallel
+                    if _PREFAULT and topo.node.Get_rank() < readers:
+                        shares = _split(meta.nbytes, readers, mmap.PAGESIZE)
+                        if topo.node.Get_rank() < len(shares):
+                            _prefault(win.bytes(), *shares[topo.node.Get_rank()])
+                    if topo.rank == 0:
+                        src.fill(meta, win.bytes())
             own_read = time.perf_counter() - t
         timings["read"] = time.perf_counter() - t
         wait = timings["read"] - own_read
@@ -240,7 +264,12 @@ def place_inputs(topo: Topology, sources: Sequence[Source], config: JobConfig, g
         cpu = time.process_time() - cpu
         for win in windows:
             win.sync()  # and see theirs
-    except BaseException:
+    except BaseException as exc:
+        # the traceback's frames hold views of the windows; drop them so free() can unmap
+        seen: BaseException | None = exc
+        while seen is not None:  # the chained errors' frames too
+            traceback.clear_frames(seen.__traceback__)
+            seen = seen.__cause__ or seen.__context__
         placement.free()
         raise
 
@@ -255,10 +284,15 @@ def place_inputs(topo: Topology, sources: Sequence[Source], config: JobConfig, g
     placement.ranks = world.allgather(mine)
     if chatty and metas:
         rate = total / max(timings["read"], 1e-9)
+        verb = "read" if all(s.parallel for s in sources) else "read/written"
+        parts = [
+            f"allocate {format_time(timings['allocate'])}",
+            f"{verb} {format_time(timings['read'])} at {format_bytes(int(rate))}/s",
+        ]
+        if topo.n_nodes > 1 and not all(s.parallel for s in sources):
+            parts.append(f"between nodes {format_time(timings['broadcast'])}")
         log(
             f"placed {len(metas)} input(s), {format_bytes(total)} per node on {topo.n_nodes} node(s), "
-            f"in {format_time(timings['total'])} (allocate {format_time(timings['allocate'])}, "
-            f"read {format_time(timings['read'])} at {format_bytes(int(rate))}/s, "
-            f"between nodes {format_time(timings['broadcast'])})"
+            f"in {format_time(timings['total'])} ({', '.join(parts)})"
         )
     return placement

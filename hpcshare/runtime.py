@@ -158,19 +158,38 @@ class _ViewGuard(WorkerPlugin):
                     f"{value.nbytes} bytes as this worker's memory and may copy them to other "
                     "workers. Return a derived result, or np.array(view) if a copy is meant.",
                     RuntimeWarning,
-                    stacklevel=2,
+                    stacklevel=1,
                 )
 
 
 def _memory_limit(topo: Topology, config: JobConfig, shared: int) -> int:
-    """Dask's memory limit for each worker: private budget plus the node's shared bytes."""
+    """Dask's memory limit for each worker (collective on the host communicator).
+
+    Pages of the node's inputs that a worker touches count in its RSS, which
+    Dask compares with fractions of the limit (spill at 0.7, pause at 0.8 by
+    default). The limit is therefore the private budget plus the shared bytes
+    divided by the lowest of those fractions: a worker is spilled or paused for
+    its private memory only.
+    """
+    import dask.config
+
     workers_here = topo.host.allreduce(1 if topo.role == "worker" else 0)
+    if config.memory_limit == 0:
+        return 0  # Dask's convention: no limit
     if config.memory_limit is not None:
         private = config.memory_limit
     else:
         nodes_here = topo.host.allreduce(1 if topo.is_leader else 0)
         private = max(node_memory_total() - shared * nodes_here, 0) // max(workers_here, 1)
-    return private + shared
+    fractions = [
+        float(f)
+        for f in (
+            dask.config.get("distributed.worker.memory.spill"),
+            dask.config.get("distributed.worker.memory.pause"),
+        )
+        if f not in (None, False) and 0 < float(f) <= 1
+    ]
+    return private + int(shared / min(fractions, default=1.0))
 
 
 def _client_main(
@@ -190,7 +209,9 @@ def _client_main(
         client.register_plugin(_ViewGuard(), name=_ViewGuard.name)
         try:
             result = main(client, dict(handles))
-        except Exception as exc:
+        except SystemExit as exc:
+            error = JobFailed(f"the job's main called sys.exit({exc.code!r})")
+        except BaseException as exc:  # KeyboardInterrupt too: the cluster must still stop
             traceback.print_exc()
             sys.stderr.flush()
             error = JobFailed(
@@ -229,7 +250,9 @@ def _run_dask(
     import dask
     from dask_mpi import initialize
 
-    logging.getLogger("distributed").setLevel(config.dask_log_level.upper())
+    dask_logger = logging.getLogger("distributed")
+    level = dask_logger.level
+    dask_logger.setLevel(config.dask_log_level.upper())
     limit = _memory_limit(topo, config, placement.nbytes)
     before = dask.config.get("scheduler-address", None)
     try:
@@ -244,9 +267,10 @@ def _run_dask(
         if is_client:
             return _client_main(main, placement.handles, topo.size - 2, config)
         return None, None
-    except Exception as exc:
+    except BaseException as exc:  # every rank must still reach the teardown
         return None, exc
     finally:
+        dask_logger.setLevel(level)
         dask.config.set({"scheduler-address": before})
         if before is None:
             dask.config.config.pop("scheduler-address", None)
@@ -339,6 +363,10 @@ def run(
     from mpi4py import MPI
 
     world = MPI.COMM_WORLD if comm is None else comm
+    if main is None:  # the demo job, on its default input unless one named "data" is given
+        from .demo import INPUT_NAME, demo_input
+
+        inputs = {INPUT_NAME: demo_input, **(inputs or {})}
     with _sync.Collective(world):
         config = JobConfig.from_options(**options)
         check_world(world)

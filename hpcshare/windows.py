@@ -123,6 +123,9 @@ class NodeWindow:
 
         if self._base is None:
             return
+        from ._sync import barrier
+
+        barrier(self._comm)  # wait idle; the allreduce after it is then quick
         alive = self._comm.allreduce(self.views_alive(), op=MPI.MAX)
         if alive:
             if self._comm.Get_rank() == 0:

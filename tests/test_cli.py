@@ -220,3 +220,46 @@ def test_shared_pages_do_not_count_against_a_workers_memory_limit():
     assert_clean_success(run)
     assert "4 tasks OK" in run.stdout
     assert "paused" not in run.output.lower(), run
+
+
+def test_sys_exit_in_main_ends_the_job_quickly_with_its_reason(tmp_path):
+    (tmp_path / "leave.py").write_text("import sys\n\ndef main(client, inputs):\n    sys.exit(2)\n")
+    run = hpcshare(4, "job", str(tmp_path / "leave.py"), timeout=60)
+    assert run.returncode != 0
+    assert "the job's main called sys.exit(2)" in run.stderr, run
+    assert run.seconds < 30, run
+
+
+def test_usage_errors_are_printed_once_not_once_per_rank():
+    run = hpcshare(3, "job", "--readers", "0", timeout=60)
+    assert run.returncode != 0
+    assert run.stderr.count("error:") == 1, run
+
+
+def test_ctrl_c_stops_the_job_at_once_and_cleans_up(clean_shm):
+    import signal
+    import subprocess
+    import time
+
+    from conftest import mpiexec
+
+    proc = subprocess.Popen(
+        [mpiexec(), "-n", "4", sys.executable, "-m", "hpcshare", "job", "--demo-size", "2GiB"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        time.sleep(4)
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C in the terminal sends mpiexec
+        _, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        import os
+
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("the job did not stop within 30 s of Ctrl-C")
+    assert proc.returncode != 0
+    assert "interrupted; stopping the job" in err, err
+    assert "Traceback" not in err, err

@@ -282,3 +282,52 @@ def test_waiting_ranks_do_not_spin_during_placement(comm):
     assert wall >= 2.0
     if comm.rank != 0:
         assert cpu < 0.1 * wall, f"rank {comm.rank} used {cpu:.2f} s of CPU waiting {wall:.2f} s"
+
+
+def failing_fill():
+    def fill(out):
+        out[: out.size // 2] = 1  # touch the window, then fail
+        raise OSError("disk quota exceeded")
+
+    return hpcshare.Fill((1 << 20,), "f8", fill)
+
+
+def test_a_failed_placement_frees_its_windows_and_names_the_input(comm):
+    from hpcshare import windows
+
+    with pytest.raises(InputError, match=r"input 'big'.*failed with OSError: disk quota exceeded"):
+        hpcshare.run(lambda c, i: None, {"big": failing_fill}, **QUIET)
+    assert windows._deferred == []  # nothing kept mapped
+
+
+@pytest.mark.parametrize(
+    "source, words",
+    [
+        (lambda: hpcshare.Fill((-5,), "f8", lambda out: None), "dimensions must be 0 or more"),
+        (lambda: hpcshare.Fill((2**40, 2**40), "f8", lambda out: None), "more than any machine can map"),
+        (lambda: np.ma.masked_array([1, 2, 3], mask=[0, 1, 0]), "masked array"),
+        (lambda: np.array([{}, []], dtype=object), "dtype object"),
+    ],
+)
+def test_function_sources_that_cannot_be_placed_are_refused(comm, source, words):
+    with pytest.raises(InputError, match=words):
+        hpcshare.run(lambda c, i: None, {"bad": source}, **QUIET)
+
+
+def test_a_zero_d_input_works_as_a_dask_array(comm):
+    def main(client, inputs):
+        return float(hpcshare.dask_array(inputs["z"]).compute()), float(
+            (hpcshare.dask_array(inputs["z"]) * 2).compute()
+        )
+
+    result = hpcshare.run(main, {"z": lambda: np.array(2.5)}, **QUIET)
+    if comm.rank == 1:
+        assert result == (2.5, 5.0)
+
+
+def test_run_without_main_runs_the_demo(comm):
+    from hpcshare.demo import demo_input
+
+    result = hpcshare.run(None, {"data": lambda: demo_input(2**20)}, **QUIET)
+    if comm.rank == 1:
+        assert sorted(result) == [1, 2, 3, 4]
