@@ -32,6 +32,20 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def mapped_shm_names(shm_dir: str = "/dev/shm") -> set[str]:
+    """Names of the files in ``shm_dir`` that some live process still maps."""
+    names: set[str] = set()
+    prefix = shm_dir.rstrip("/") + "/"
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/maps") as f:
+                    names.update(os.path.basename(line.split()[-1]) for line in f if prefix in line)
+            except OSError:
+                continue
+    return names
+
+
 def main(argv: list[str]) -> int:
     pids = [int(p) for p in argv[0].split(",") if p]
     paths = argv[1:]

@@ -8,6 +8,7 @@ import functools
 import os
 import signal
 import sys
+import time
 import traceback
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -16,6 +17,8 @@ from dask.utils import parse_bytes
 
 from . import __version__
 from .demo import DEFAULT_SIZE, DEFAULT_TASKS
+
+_INTERRUPT_STAGGER = 0.1  # seconds between ranks reacting to Ctrl-C
 
 __all__ = ["main"]
 
@@ -206,8 +209,13 @@ def _interrupted(signum: int, frame: Any) -> None:
     """Ctrl-C: stop the whole job at once, leaving nothing in /dev/shm."""
     from . import runtime
 
-    if _launcher_rank() in (0, 1):  # rank 0 may be busy in C code; the client rank rarely is
-        print(f"hpcshare: rank {_launcher_rank()} interrupted; stopping the job", file=sys.stderr, flush=True)
+    rank = _launcher_rank()
+    # The launcher signals every rank, and the first abort ends them all. Ranks
+    # after the first give the lower ones a moment, so one line is printed,
+    # yet a rank stuck in C code (Python handlers wait for it) cannot hide it.
+    if rank:
+        time.sleep(_INTERRUPT_STAGGER * min(rank, 20))
+    print(f"hpcshare: rank {rank} interrupted; stopping the job", file=sys.stderr, flush=True)
     runtime.abort(code=130)
 
 

@@ -17,7 +17,7 @@ import sys
 import traceback
 import uuid
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -220,27 +220,29 @@ def _client_main(
     except Exception as exc:
         error = exc
     finally:
-        with _quiet_loggers():
-            try:
-                client.shutdown()
-            except Exception:
-                pass
-            client.close()
+        with contextlib.suppress(Exception):  # best effort: a dead worker only means more noise
+            client.run(_quiet_dask_logs, on_error="ignore")
+            client.run_on_scheduler(_quiet_dask_logs)
+        _quiet_dask_logs()
+        with contextlib.suppress(Exception):
+            client.shutdown()
+        client.close()
     return result, error
 
 
-@contextlib.contextmanager
-def _quiet_loggers() -> Iterator[None]:
-    """Silence the tracebacks Dask logs while its comms close at the end of a job."""
-    loggers = [logging.getLogger(name) for name in ("distributed", "tornado", "asyncio")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
+_DASK_LOGGERS = ("distributed", "tornado", "asyncio")
+
+
+def _quiet_dask_logs() -> None:
+    """Silence the tracebacks Dask logs while its comms close at the end of a job.
+
+    Run on every Dask process (client, workers, scheduler) just before the
+    shutdown: a worker whose heartbeat meets the closed scheduler logs a
+    CommClosedError traceback that is not a failure. ``_run_dask`` restores
+    the levels on every rank once Dask has stopped.
+    """
+    for name in _DASK_LOGGERS:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 def _run_dask(
@@ -250,9 +252,8 @@ def _run_dask(
     import dask
     from dask_mpi import initialize
 
-    dask_logger = logging.getLogger("distributed")
-    level = dask_logger.level
-    dask_logger.setLevel(config.dask_log_level.upper())
+    levels = {name: logging.getLogger(name).level for name in _DASK_LOGGERS}
+    logging.getLogger("distributed").setLevel(config.dask_log_level.upper())
     limit = _memory_limit(topo, config, placement.nbytes)
     before = dask.config.get("scheduler-address", None)
     try:
@@ -270,7 +271,8 @@ def _run_dask(
     except BaseException as exc:  # every rank must still reach the teardown
         return None, exc
     finally:
-        dask_logger.setLevel(level)
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
         dask.config.set({"scheduler-address": before})
         if before is None:
             dask.config.config.pop("scheduler-address", None)
