@@ -12,6 +12,7 @@ import contextlib
 import importlib.util
 import logging
 import os
+import socket
 import subprocess
 import sys
 import traceback
@@ -192,6 +193,18 @@ def _memory_limit(topo: Topology, config: JobConfig, shared: int) -> int:
     return private + int(shared / min(fractions, default=1.0))
 
 
+def _dashboard_hint(client: Any) -> str:
+    """One line on how to reach the Dask dashboard from a laptop (local, on the client)."""
+    port = client.scheduler_info().get("services", {}).get("dashboard")
+    if not port:
+        return "hpcshare: no Dask dashboard (it needs bokeh: pip install 'bokeh>=3.1')"
+    host = client.run_on_scheduler(socket.gethostname)
+    return (
+        f"hpcshare: Dask dashboard on {host}:{port}; from your machine: "
+        f"ssh -N -L {port}:{host}:{port} LOGIN-NODE, then open http://localhost:{port}/status"
+    )
+
+
 def _client_main(
     main: MainFunction, handles: Mapping[str, Handle], n_workers: int, config: JobConfig
 ) -> tuple[Any, BaseException | None]:
@@ -207,6 +220,8 @@ def _client_main(
     try:
         client.wait_for_workers(n_workers, timeout=config.timeout)
         client.register_plugin(_ViewGuard(), name=_ViewGuard.name)
+        if not config.quiet:
+            print(_dashboard_hint(client), flush=True)
         try:
             result = main(client, dict(handles))
         except SystemExit as exc:

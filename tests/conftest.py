@@ -10,6 +10,7 @@ that for the plain run).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -112,3 +113,34 @@ def clean_shm():
     while (left := shm_names() - before - mapped_shm_names()) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not left, f"left behind in /dev/shm: {sorted(left)}"
+
+
+REPORT_ROW = re.compile(
+    r"^\s*(\d+)\s+\S+\s+(\d+)\s+(\d+)\s+([\d.]+ \w?i?B)\s+([\d.]+ \w?i?B)\s+([\d.]+ \w?i?B)\s+([\d.]+ \w?i?B)",
+    re.M,
+)
+
+
+def to_bytes(text: str) -> float:
+    from dask.utils import parse_bytes
+
+    return parse_bytes(text.replace(" ", ""))
+
+
+def report_rows(output: str):
+    return [
+        {
+            "node": int(m[1]),
+            "ranks": int(m[2]),
+            "workers": int(m[3]),
+            "inputs": to_bytes(m[4]),
+            "measured": to_bytes(m[5]),
+        }
+        for m in REPORT_ROW.finditer(output)
+    ]
+
+
+def assert_clean_success(run: Run) -> None:
+    assert run.returncode == 0, run
+    assert "Traceback" not in run.output, run
+    assert "CommClosedError" not in run.output, run

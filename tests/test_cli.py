@@ -13,39 +13,9 @@ import textwrap
 import h5py
 import numpy as np
 import pytest
-from conftest import hpcshare, run_cmd
+from conftest import assert_clean_success, hpcshare, report_rows, run_cmd
 
 pytestmark = pytest.mark.usefixtures("clean_shm")
-
-REPORT_ROW = re.compile(
-    r"^\s*(\d+)\s+\S+\s+(\d+)\s+(\d+)\s+([\d.]+ \w?i?B)\s+([\d.]+ \w?i?B)\s+([\d.]+ \w?i?B)\s+([\d.]+ \w?i?B)",
-    re.M,
-)
-
-
-def to_bytes(text: str) -> float:
-    from dask.utils import parse_bytes
-
-    return parse_bytes(text.replace(" ", ""))
-
-
-def report_rows(output: str):
-    return [
-        {
-            "node": int(m[1]),
-            "ranks": int(m[2]),
-            "workers": int(m[3]),
-            "inputs": to_bytes(m[4]),
-            "measured": to_bytes(m[5]),
-        }
-        for m in REPORT_ROW.finditer(output)
-    ]
-
-
-def assert_clean_success(run):
-    assert run.returncode == 0, run
-    assert "Traceback" not in run.output, run
-    assert "CommClosedError" not in run.output, run
 
 
 def test_demo_job_with_defaults_checks_its_answer_and_reports_memory():

@@ -1,0 +1,163 @@
+"""The sbatch templates in jobscripts/, submitted as shipped to a real Slurm of two nodes.
+
+Each job runs with ``sbatch --wait``; the tests read the job's log file and
+the exit code Slurm records. The cluster (tests/slurm_cluster.py) is started
+once for this module and its daemons are stopped by their PIDs at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import textwrap
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from conftest import ROOT, report_rows, run_cmd
+from slurm_cluster import SlurmCluster, missing
+
+JOBSCRIPTS = ROOT / "jobscripts"
+
+JOB_ARGS = ("job.py", "--input", "lut=lut.npy", "--input", "grid=grid.h5:/grid")
+
+pytestmark = pytest.mark.usefixtures("clean_shm")
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    why = missing()
+    if why:
+        if os.environ.get("HPCSHARE_REQUIRE_SLURM") == "1":
+            pytest.fail(why)
+        pytest.skip(why)
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+    try:
+        cluster.start()
+    except RuntimeError as exc:
+        cluster.stop()
+        pytest.fail(str(exc))
+    yield cluster
+    cluster.stop()
+
+
+class Job:
+    def __init__(self, run, job_id: str, log: str, state: dict[str, str]) -> None:
+        self.run, self.job_id, self.log, self.state = run, job_id, log, state
+
+    def __repr__(self) -> str:
+        return f"<Job {self.job_id} {self.state.get('JobState')} rc={self.run.returncode}>\n{self.log}\n{self.run!r}"
+
+
+def sbatch(slurm: SlurmCluster, cwd: Path, script: str, *args: str, env: dict[str, str] | None = None) -> Job:
+    """``sbatch --wait`` a template as shipped (its own #SBATCH header), from ``cwd``."""
+    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    run = run_cmd(
+        ["sbatch", "--wait", "--parsable", "-t", "5", str(JOBSCRIPTS / script), *args],
+        cwd=cwd,
+        env={"SLURM_CONF": str(slurm.conf), "PATH": path, **(env or {})},
+        timeout=300,
+    )
+    match = re.search(r"^(\d+)", run.stdout, re.M)
+    assert match, f"sbatch did not submit: {run!r}\n{slurm.logs()}"
+    job_id = match[1]
+    logs = list(cwd.glob(f"*-{job_id}.out"))
+    assert len(logs) == 1, f"no log file %x-%j.out for job {job_id} in {cwd}: {run!r}"
+    return Job(run, job_id, logs[0].read_text(), slurm.job_state(job_id))
+
+
+def assert_job_ok(job: Job) -> None:
+    assert job.run.returncode == 0, job
+    assert job.state.get("JobState") == "COMPLETED", job
+    assert "Traceback" not in job.log and "CommClosedError" not in job.log, job
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    np.save(tmp_path / "lut.npy", np.arange(1 << 20, dtype=np.float64))  # 8 MiB
+    with h5py.File(tmp_path / "grid.h5", "w") as f:
+        f.create_dataset(
+            "grid", data=np.ones((512, 1024), dtype=np.float32), chunks=(64, 1024), compression="gzip"
+        )
+    (tmp_path / "job.py").write_text(
+        textwrap.dedent(
+            """
+            import numpy as np
+
+            def total(h):
+                return float(np.asarray(h).sum())
+
+            def main(client, inputs):
+                for name in sorted(inputs):
+                    futures = client.map(total, [inputs[name]] * 8, pure=False)
+                    print(f"job: {name} sums {sorted(set(client.gather(futures)))}")
+            """
+        )
+    )
+    return tmp_path
+
+
+def test_single_node_srun_template_runs_the_demo(slurm, tmp_path):
+    job = sbatch(slurm, tmp_path, "single-node-srun.sbatch", "--demo-size", "64MiB")
+    assert_job_ok(job)
+    assert "16 tasks OK, all match plain NumPy" in job.log
+    assert "srun --mpi=pmi2" in job.log
+    rows = report_rows(job.log)
+    assert [(r["node"], r["ranks"], r["workers"]) for r in rows] == [(0, 6, 4)], job
+    assert rows[0]["inputs"] == 64 * 2**20
+    assert re.search(r"Dask dashboard|no Dask dashboard", job.log), job
+    if "Dask dashboard on" in job.log:
+        assert re.search(r"ssh -N -L \d+:\S+:\d+ ", job.log), job
+
+
+def test_single_node_mpirun_template_runs_a_job_file(slurm, inputs):
+    job = sbatch(slurm, inputs, "single-node-mpirun.sbatch", *JOB_ARGS)
+    assert_job_ok(job)
+    assert f"job: lut sums [{float(np.arange(1 << 20).sum())}]" in job.log
+    assert "job: grid sums [524288.0]" in job.log
+    rows = report_rows(job.log)
+    assert [(r["node"], r["ranks"], r["workers"]) for r in rows] == [(0, 6, 4)], job
+
+
+def test_multi_node_template_holds_one_copy_on_each_of_two_nodes(slurm, inputs):
+    job = sbatch(slurm, inputs, "multi-node.sbatch", *JOB_ARGS)
+    assert_job_ok(job)
+    assert "on 2 nodes (node[1-2])" in job.log
+    assert "job: grid sums [524288.0]" in job.log
+    rows = report_rows(job.log)
+    # srun's pmi2 layout splits the ranks into Slurm's nodes: 4 each, the scheduler and client on node 0
+    assert [(r["node"], r["ranks"], r["workers"]) for r in rows] == [(0, 4, 2), (1, 4, 4)], job
+    nbytes = 8 * 2**20 + 512 * 1024 * 4
+    for row in rows:
+        assert row["inputs"] == nbytes  # the inputs, once on each node
+        assert row["measured"] < nbytes + 4 * 250 * 2**20, job  # not a copy per worker
+
+
+def test_python_api_template(slurm, tmp_path):
+    job = sbatch(slurm, tmp_path, "python-api.sbatch", str(JOBSCRIPTS / "api_job.py"), "--size", "32MiB")
+    assert_job_ok(job)
+    assert "4096 x 1024 table (32.00 MiB), 32 tasks, column sums match: True" in job.log
+    assert re.search(r"api_job: result \S+e\+\d+", job.log), job
+    assert len(report_rows(job.log)) == 1
+
+
+def test_a_failing_job_is_reported_failed_to_slurm(slurm, tmp_path):
+    (tmp_path / "bad.py").write_text("def main(client, inputs):\n    raise ValueError('no convergence')\n")
+    job = sbatch(slurm, tmp_path, "single-node-srun.sbatch", "bad.py")
+    assert job.run.returncode != 0, job
+    assert job.state.get("JobState") == "FAILED", job
+    assert job.state.get("ExitCode", "0:0") != "0:0", job
+    assert job.log.count("Traceback (most recent call last)") == 1, job
+    assert "raise ValueError('no convergence')" in job.log, job
+
+
+def test_srun_without_an_mpi_plugin_fails_with_the_fix(slurm, tmp_path):
+    """``srun --mpi=none`` with MPICH starts singletons: each must refuse, naming the fix."""
+    job = sbatch(slurm, tmp_path, "single-node-srun.sbatch", env={"SRUN_MPI": "none"})
+    assert job.run.returncode != 0, job
+    assert job.state.get("JobState") == "FAILED", job
+    assert "MPI world of 1 rank, but SLURM_NTASKS=6" in job.log, job
+    assert "srun --mpi=pmi2" in job.log, job
+    assert "Traceback" not in job.log, job
