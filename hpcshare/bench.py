@@ -107,6 +107,20 @@ def _shm_names() -> set[str]:
         return set()
 
 
+def _kill_group(proc: subprocess.Popen[str]) -> str:
+    """Kill a contender's process group and wait (at most 10 s) until none of it is left."""
+    os.killpg(proc.pid, signal.SIGKILL)
+    output, _ = proc.communicate()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(proc.pid, 0)  # ranks that outlive mpiexec still map their files
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    return output
+
+
 def _sweep_shm(before: set[str]) -> None:
     """Remove /dev/shm files that appeared during a run and that no process maps any more.
 
@@ -213,13 +227,11 @@ def run_one(
     try:
         output, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
+        output = _kill_group(proc)
         row.update(status="failed", note=f"timed out after {timeout:g} s")
         return row
     except BaseException:  # interrupted: take the contender down with us
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
+        _kill_group(proc)
         raise
     finally:
         sampler.stop()
@@ -298,8 +310,28 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
                     _progress(_line(row))
             npy.unlink()
             h5.unlink()
+    except KeyboardInterrupt:
+        _write_results(cfg, rows, started, interrupted=True)
+        raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    result = _write_results(cfg, rows, started)
+    table = format_table(rows)
+    print(table)
+    for t in result["targets"]:
+        print(f"target {'met ' if t['met'] else 'MISSED'}  {t['what']}: {t['figure']}")
+    plot = write_plot(rows, cfg.out / "bench.png")
+    print(
+        f"written: {cfg.out / 'bench.json'}, {cfg.out / 'bench.txt'}"
+        + (f", {plot}" if plot else " (no plot: pip install matplotlib)")
+    )
+    return result
+
+
+def _write_results(
+    cfg: BenchConfig, rows: list[dict[str, Any]], started: float, interrupted: bool = False
+) -> dict[str, Any]:
+    """bench.json and bench.txt in ``cfg.out`` (local)."""
     goals = targets(rows)
     result: dict[str, Any] = {
         "machine": {
@@ -316,18 +348,10 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         "rows": rows,
         "checksums_agree": checksums_agree(rows),
         "targets": goals,
+        "interrupted": interrupted,
     }
     (cfg.out / "bench.json").write_text(json.dumps(result, indent=1, default=str))
-    table = format_table(rows)
-    (cfg.out / "bench.txt").write_text(table + "\n")
-    print(table)
-    for t in goals:
-        print(f"target {'met ' if t['met'] else 'MISSED'}  {t['what']}: {t['figure']}")
-    plot = write_plot(rows, cfg.out / "bench.png")
-    print(
-        f"written: {cfg.out / 'bench.json'}, {cfg.out / 'bench.txt'}"
-        + (f", {plot}" if plot else " (no plot: pip install matplotlib)")
-    )
+    (cfg.out / "bench.txt").write_text(format_table(rows) + "\n")
     return result
 
 

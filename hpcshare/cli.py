@@ -255,7 +255,11 @@ def _bench(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         cfg = config_from_args(ns.sizes, ns.workers, ns.tasks, ns.contenders, ns.out, ns.scratch)
     except ConfigError as exc:
         parser.error(str(exc))
-    result = run_bench(cfg)
+    try:
+        result = run_bench(cfg)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the running contender is down, its files gone
+        print(f"bench: interrupted; the runs so far are in {cfg.out}", file=sys.stderr, flush=True)
+        return 130
     failed = [r for r in result["rows"] if r["status"] == "failed"]
     if failed or not result["checksums_agree"]:
         print(

@@ -144,3 +144,11 @@ def assert_clean_success(run: Run) -> None:
     assert run.returncode == 0, run
     assert "Traceback" not in run.output, run
     assert "CommClosedError" not in run.output, run
+
+
+def skip_unless_available(missing: str | None, require_var: str) -> None:
+    """Skip a test whose tools are ``missing`` (the reason), or fail it where ``require_var=1`` (CI)."""
+    if missing:
+        if os.environ.get(require_var) == "1":
+            pytest.fail(f"{missing} ({require_var}=1: these tests must run here)")
+        pytest.skip(missing)

@@ -16,7 +16,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import ROOT, report_rows, run_cmd
+from conftest import ROOT, report_rows, run_cmd, skip_unless_available
 from slurm_cluster import SlurmCluster, missing
 
 JOBSCRIPTS = ROOT / "jobscripts"
@@ -28,11 +28,7 @@ pytestmark = pytest.mark.usefixtures("clean_shm")
 
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory):
-    why = missing()
-    if why:
-        if os.environ.get("HPCSHARE_REQUIRE_SLURM") == "1":
-            pytest.fail(why)
-        pytest.skip(why)
+    skip_unless_available(missing(), "HPCSHARE_REQUIRE_SLURM")
     cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
     try:
         cluster.start()
