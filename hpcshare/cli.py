@@ -206,17 +206,24 @@ def parse_job(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> JobArg
 
 
 def _interrupted(signum: int, frame: Any) -> None:
-    """Ctrl-C: stop the whole job at once, leaving nothing in /dev/shm."""
+    """Ctrl-C (SIGINT) or scancel and time limits (SIGTERM): stop the whole job at once.
+
+    Every rank unlinks the shared-memory files it maps first: the batch
+    system may kill all of the job's processes (the /dev/shm watcher too)
+    before the abort has reached the other nodes.
+    """
     from . import runtime
 
+    runtime.unlink_shm_files()
     rank = _launcher_rank()
     # The launcher signals every rank, and the first abort ends them all. Ranks
     # after the first give the lower ones a moment, so one line is printed,
     # yet a rank stuck in C code (Python handlers wait for it) cannot hide it.
     if rank:
         time.sleep(_INTERRUPT_STAGGER * min(rank, 20))
-    print(f"hpcshare: rank {rank} interrupted; stopping the job", file=sys.stderr, flush=True)
-    runtime.abort(code=130)
+    what = "interrupted" if signum == signal.SIGINT else f"got {signal.Signals(signum).name}"
+    print(f"hpcshare: rank {rank} {what}; stopping the job", file=sys.stderr, flush=True)
+    runtime.abort(code=128 + signum)
 
 
 def _job(args: JobArgs) -> int:
@@ -230,6 +237,7 @@ def _job(args: JobArgs) -> int:
         main = functools.partial(demo_main, tasks=args.demo_tasks)
         inputs.setdefault(INPUT_NAME, functools.partial(demo_input, args.demo_size))
     signal.signal(signal.SIGINT, _interrupted)
+    signal.signal(signal.SIGTERM, _interrupted)
     try:
         runtime.run(main, inputs, **dict(args.options))
     except HpcshareError as exc:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from dask.utils import format_bytes
 
@@ -105,3 +105,37 @@ def format_report(nodes: Sequence[NodeMemory], n_inputs: int) -> str:
 def node_memory_total() -> int:
     """Physical memory of this machine in bytes (local)."""
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def job_memory_total(environ: Mapping[str, str] | None = None) -> int:
+    """Memory the job may use on this machine, in bytes (local).
+
+    Physical memory, capped by Slurm's ``--mem`` (``SLURM_MEM_PER_NODE``, in
+    MiB) and by the memory limit of this process's cgroup (v2), whichever is
+    lowest: on a shared node the job gets its allocation, not the machine.
+    """
+    env = os.environ if environ is None else environ
+    limits = [node_memory_total()]
+    slurm = env.get("SLURM_MEM_PER_NODE", "")
+    if slurm.isdigit() and int(slurm) > 0:
+        limits.append(int(slurm) * 2**20)
+    try:
+        with open("/proc/self/cgroup") as f:
+            entries = [line.rstrip("\n").split(":", 2) for line in f]
+    except OSError:
+        entries = []
+    for _, controllers, rel in (e for e in entries if len(e) == 3):
+        if controllers == "":  # cgroup v2
+            path = os.path.join("/sys/fs/cgroup", rel.lstrip("/"), "memory.max")
+        elif "memory" in controllers.split(","):  # cgroup v1
+            path = os.path.join("/sys/fs/cgroup/memory", rel.lstrip("/"), "memory.limit_in_bytes")
+        else:
+            continue
+        try:
+            with open(path) as f:
+                value = f.read().strip()
+        except OSError:
+            continue
+        if value.isdigit():
+            limits.append(int(value))
+    return min(limits)

@@ -30,7 +30,7 @@ from .errors import ConfigError, HpcshareError, JobFailed
 from .handles import Handle, _registry
 from .loaders import source_for
 from .placement import Placement, place_inputs
-from .report import format_report, measure_rank, node_memory_total, summarize
+from .report import format_report, job_memory_total, measure_rank, summarize
 from .topology import CLIENT_RANK, Topology, check_world
 
 if TYPE_CHECKING:
@@ -64,16 +64,25 @@ def abort(comm: MPI.Comm | None = None, code: int = 1) -> None:
     ``mpich_shm_*`` segment behind otherwise). Other ranks keep their
     mappings until they exit.
     """
-    for path in _mpi_shm_files():
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
+    unlink_shm_files()
     sys.stdout.flush()
     sys.stderr.flush()
     from mpi4py import MPI
 
     (comm or MPI.COMM_WORLD).Abort(code)
+
+
+def unlink_shm_files() -> None:
+    """Unlink the named shared-memory files this process maps (local, idempotent).
+
+    The mappings stay valid; the memory is returned once every process that
+    maps it has exited, whoever ends them.
+    """
+    for path in _mpi_shm_files():
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
 
 
 _current: Placement | None = None  # the running job's inputs in this process
@@ -181,7 +190,7 @@ def _memory_limit(topo: Topology, config: JobConfig, shared: int) -> int:
         private = config.memory_limit
     else:
         nodes_here = topo.host.allreduce(1 if topo.is_leader else 0)
-        private = max(node_memory_total() - shared * nodes_here, 0) // max(workers_here, 1)
+        private = max(job_memory_total() - shared * nodes_here, 0) // max(workers_here, 1)
     fractions = [
         float(f)
         for f in (

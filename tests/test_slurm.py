@@ -157,3 +157,37 @@ def test_srun_without_an_mpi_plugin_fails_with_the_fix(slurm, tmp_path):
     assert "MPI world of 1 rank, but SLURM_NTASKS=6" in job.log, job
     assert "srun --mpi=pmi2" in job.log, job
     assert "Traceback" not in job.log, job
+
+
+def test_scancel_stops_every_rank_and_leaves_nothing_in_shm(slurm, tmp_path):
+    """scancel sends SIGTERM to every task (then SIGKILL): the ranks unlink their shared memory first."""
+    import time
+
+    (tmp_path / "slow.py").write_text(
+        "import time\n\ndef main(client, inputs):\n    print('job: working', flush=True)\n    time.sleep(300)\n"
+    )
+    np.save(tmp_path / "x.npy", np.arange(1 << 20))
+    run = run_cmd(
+        ["sbatch", "--parsable", "-t", "5", str(JOBSCRIPTS / "single-node-srun.sbatch"), "slow.py",
+         "--input", "x=x.npy"],
+        cwd=tmp_path,
+        env={"SLURM_CONF": str(slurm.conf),
+             "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])},
+    )  # fmt: skip
+    job_id = run.stdout.strip().split(";")[0]
+    assert job_id.isdigit(), run
+    log = tmp_path / f"hpcshare-{job_id}.out"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (log.exists() and "job: working" in log.read_text()):
+        time.sleep(0.5)
+    assert log.exists() and "job: working" in log.read_text(), f"the job never started\n{slurm.logs()}"
+    run_cmd(["scancel", job_id], env={"SLURM_CONF": str(slurm.conf)})
+    while time.monotonic() < deadline and slurm.job_state(job_id).get("JobState") in (
+        "RUNNING",
+        "COMPLETING",
+    ):
+        time.sleep(0.5)
+    state = slurm.job_state(job_id)
+    assert state.get("JobState") == "CANCELLED", state
+    text = log.read_text()
+    assert "got SIGTERM; stopping the job" in text, text

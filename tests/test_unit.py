@@ -133,3 +133,12 @@ def test_report_sums_pss_per_node_and_prices_one_copy_per_worker():
     assert nodes[1].per_worker_copies == 300 * mib + 200 * mib
     text = format_report(nodes, 1)
     assert "300.00 MiB" in text and "500.00 MiB" in text and text.count("\n") >= 3
+
+
+def test_the_jobs_memory_is_capped_by_slurms_allocation():
+    from hpcshare.report import job_memory_total, node_memory_total
+
+    assert job_memory_total({}) <= node_memory_total()
+    assert job_memory_total({"SLURM_MEM_PER_NODE": "1024"}) == 2**30  # sbatch --mem=1G
+    assert job_memory_total({"SLURM_MEM_PER_NODE": "0"}) == job_memory_total({})  # --mem=0: the whole node
+    assert job_memory_total({"SLURM_MEM_PER_NODE": "lots"}) == job_memory_total({})
