@@ -492,7 +492,7 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def write_plot(rows: Sequence[dict[str, Any]], path: Path) -> Path | None:
-    """Node memory against W (largest S) and against S (largest W), a line per contender."""
+    """Node memory against W (largest S all ran at) and against S (largest W), a line per contender."""
     try:
         import matplotlib
 
@@ -508,7 +508,14 @@ def write_plot(rows: Sequence[dict[str, Any]], path: Path) -> Path | None:
     if not ok:
         return None
     contenders = sorted({r["contender"] for r in ok})
-    big_s = max(r["size"] for r in ok)
+    # against W: the largest S at which every contender ran at every W (else the largest S)
+    complete = [
+        size
+        for size in {r["size"] for r in ok}
+        if len({(r["contender"], r["workers"]) for r in ok if r["size"] == size})
+        == len(contenders) * len({r["workers"] for r in ok})
+    ]
+    big_s = max(complete or [r["size"] for r in ok])
     big_w = max(r["workers"] for r in ok)
     fig, (ax_w, ax_s) = plt.subplots(1, 2, figsize=(11, 4.2))
     for c in contenders:
