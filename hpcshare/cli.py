@@ -227,9 +227,17 @@ def _interrupted(signum: int, frame: Any) -> None:
 
 
 def _job(args: JobArgs) -> int:
+    from .errors import HpcshareError
+    from .topology import check_launch
+
+    try:
+        check_launch()  # before MPI starts: nothing to clean up
+    except HpcshareError as exc:
+        print(f"hpcshare: error: {exc}", file=sys.stderr, flush=True)
+        return 1
+
     from . import _sync, runtime
     from .demo import INPUT_NAME, demo_input, demo_main
-    from .errors import HpcshareError
 
     inputs: dict[str, Any] = dict(args.inputs)
     main: Any = args.jobfile

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from .errors import ConfigError, TopologyError
@@ -12,7 +13,7 @@ from .errors import ConfigError, TopologyError
 if TYPE_CHECKING:
     from mpi4py import MPI
 
-__all__ = ["MIN_RANKS", "Topology", "check_world", "launcher_size", "role_of"]
+__all__ = ["MIN_RANKS", "Topology", "check_launch", "check_world", "launcher_size", "role_of"]
 
 SCHEDULER_RANK = 0
 CLIENT_RANK = 1
@@ -139,6 +140,32 @@ class Topology:
             "pid": os.getpid(),
         }
         return list(self.world.allgather(mine))
+
+
+_PMI_VARS = ("SLURM_MPI_TYPE", "PMI_RANK", "PMI_FD", "PMIX_RANK", "OMPI_COMM_WORLD_RANK")
+
+
+def check_launch(environ: Mapping[str, str] | None = None) -> None:
+    """Refuse an ``srun`` step that started several tasks without an MPI plugin (local).
+
+    Called before MPI starts, so that no rank creates shared memory that
+    ``srun --kill-on-bad-exit`` would leave behind when it kills the others.
+
+    Raises
+    ------
+    TopologyError
+        When Slurm says the step has more than one task and nothing set up a
+        process-management interface for MPI (``srun --mpi=none``).
+    """
+    env = os.environ if environ is None else environ
+    tasks = env.get("SLURM_STEP_NUM_TASKS", "")
+    if tasks.isdigit() and int(tasks) > 1 and not any(env.get(v) for v in _PMI_VARS):
+        raise TopologyError(
+            f"srun started {tasks} tasks without an MPI plugin (SLURM_STEP_NUM_TASKS={tasks}, "
+            "no SLURM_MPI_TYPE), so every rank would come up as an MPI world of its own. "
+            "Use `srun --mpi=pmi2` for MPICH and Intel MPI, `srun --mpi=pmix` for Open MPI "
+            "(not --mpi=none); `srun --mpi=list` shows what your Slurm offers."
+        )
 
 
 def check_world(world: MPI.Intracomm, environ: dict[str, str] | None = None) -> None:

@@ -154,7 +154,7 @@ def test_srun_without_an_mpi_plugin_fails_with_the_fix(slurm, tmp_path):
     job = sbatch(slurm, tmp_path, "single-node-srun.sbatch", env={"SRUN_MPI": "none"})
     assert job.run.returncode != 0, job
     assert job.state.get("JobState") == "FAILED", job
-    assert "MPI world of 1 rank, but SLURM_NTASKS=6" in job.log, job
+    assert "srun started 6 tasks without an MPI plugin" in job.log, job
     assert "srun --mpi=pmi2" in job.log, job
     assert "Traceback" not in job.log, job
 
