@@ -57,17 +57,13 @@ def probe_task(h: Any) -> tuple[float, float]:
     where those bytes were (after tasks streamed gigabytes through the
     cache, they come from memory); the second is hpcshare's own cost.
     """
-    t = time.perf_counter()
-    flat = h.resolve().reshape(-1)
-    float(flat[: (1 << 20) // flat.itemsize].sum())
-    first = time.perf_counter() - t
-    warm = []
-    for _ in range(20):  # the fastest of several: a 2-core machine's scheduler adds noise
+    times = []
+    for _ in range(21):  # the first, then the fastest of 20: a 2-core machine's scheduler adds noise
         t = time.perf_counter()
         flat = h.resolve().reshape(-1)
         float(flat[: (1 << 20) // flat.itemsize].sum())
-        warm.append(time.perf_counter() - t)
-    return first, min(warm)
+        times.append(time.perf_counter() - t)
+    return times[0], min(times[1:])
 
 
 def load(path: str) -> np.ndarray:

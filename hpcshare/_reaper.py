@@ -46,6 +46,19 @@ def mapped_shm_names(shm_dir: str = "/dev/shm") -> set[str]:
     return names
 
 
+def shm_names(shm_dir: str = "/dev/shm") -> set[str]:
+    """Names of the files in ``shm_dir`` (empty if it cannot be read)."""
+    try:
+        return set(os.listdir(shm_dir))
+    except OSError:
+        return set()
+
+
+def orphaned_shm_names(before: set[str], shm_dir: str = "/dev/shm") -> set[str]:
+    """Files in ``shm_dir`` that are not in ``before`` and that no live process maps."""
+    return shm_names(shm_dir) - before - mapped_shm_names(shm_dir)
+
+
 def main(argv: list[str]) -> int:
     pids = [int(p) for p in argv[0].split(",") if p]
     paths = argv[1:]

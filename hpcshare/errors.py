@@ -5,6 +5,8 @@ Every message says what was found, what was needed, and how to fix it.
 
 from __future__ import annotations
 
+import traceback
+
 __all__ = [
     "CapacityError",
     "ConfigError",
@@ -30,6 +32,12 @@ class TopologyError(HpcshareError, RuntimeError):
 
 class InputError(HpcshareError, ValueError):
     """An input source cannot be placed (missing file, bad dataset, bad dtype)."""
+
+    @classmethod
+    def from_failure(cls, name: str, what: str, exc: BaseException) -> InputError:
+        """``input NAME: WHAT TypeName: message (at file:line)``, for user code that raised ``exc``."""
+        tb = traceback.extract_tb(exc.__traceback__)[-1]
+        return cls(f"input {name!r}: {what} {type(exc).__name__}: {exc} (at {tb.filename}:{tb.lineno})")
 
 
 class CapacityError(HpcshareError, MemoryError):

@@ -18,7 +18,6 @@ import importlib.util
 import math
 import os
 import sys
-import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -338,11 +337,7 @@ class FunctionSource(Source):
         try:
             result = func()
         except Exception as exc:
-            tb = traceback.extract_tb(exc.__traceback__)[-1]
-            raise InputError(
-                f"input {self.name!r}: {self.text} raised {type(exc).__name__}: {exc} "
-                f"(at {tb.filename}:{tb.lineno})"
-            ) from exc
+            raise InputError.from_failure(self.name, f"{self.text} raised", exc) from exc
         if isinstance(result, Fill):
             dtype = np.dtype(result.dtype)
             shape = tuple(int(s) for s in np.atleast_1d(np.asarray(result.shape, dtype=np.int64)))

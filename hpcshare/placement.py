@@ -180,11 +180,7 @@ def _naming(src: Source) -> Iterator[None]:
     except HpcshareError:
         raise
     except Exception as exc:
-        tb = traceback.extract_tb(exc.__traceback__)[-1]
-        raise InputError(
-            f"input {src.name!r}: placing {src.text} failed with {type(exc).__name__}: {exc} "
-            f"(at {tb.filename}:{tb.lineno})"
-        ) from exc
+        raise InputError.from_failure(src.name, f"placing {src.text} failed with", exc) from exc
 
 
 def place_inputs(topo: Topology, sources: Sequence[Source], config: JobConfig, generation: str) -> Placement:

@@ -20,10 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from hpcshare._reaper import mapped_shm_names
+from hpcshare._reaper import orphaned_shm_names, shm_names
 
 ROOT = Path(__file__).resolve().parent.parent
-SHM = Path("/dev/shm")
 
 
 def pytest_ignore_collect(collection_path, config):
@@ -96,10 +95,6 @@ def hpcshare(n: int, *args: str, timeout: float = 120, **kw) -> Run:
     return run_cmd([mpiexec(), "-n", str(n), sys.executable, "-m", "hpcshare", *args], timeout=timeout, **kw)
 
 
-def shm_names() -> set[str]:
-    return {p.name for p in SHM.iterdir()} if SHM.is_dir() else set()
-
-
 @pytest.fixture
 def clean_shm():
     """Fail a test that leaves files in /dev/shm that nothing maps any more.
@@ -110,7 +105,7 @@ def clean_shm():
     before = shm_names()
     yield
     deadline = time.monotonic() + 5
-    while (left := shm_names() - before - mapped_shm_names()) and time.monotonic() < deadline:
+    while (left := orphaned_shm_names(before)) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not left, f"left behind in /dev/shm: {sorted(left)}"
 
