@@ -24,11 +24,13 @@ from .errors import (
     ResolveError,
     TopologyError,
 )
-from .handles import Handle
+from .handles import ArrayHandle, Handle, ObjectHandle
 from .loaders import Fill
 from .runtime import run
+from .sharing import free, put, submit
 
 __all__ = [
+    "ArrayHandle",
     "CapacityError",
     "ConfigError",
     "Fill",
@@ -36,9 +38,13 @@ __all__ = [
     "HpcshareError",
     "InputError",
     "JobFailed",
+    "ObjectHandle",
     "ResolveError",
     "TopologyError",
     "__version__",
     "dask_array",
+    "free",
+    "put",
     "run",
+    "submit",
 ]

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from numpy.lib.array_utils import byte_bounds as _byte_bounds
 
-from .handles import Handle
+from .handles import ArrayHandle
 
 if TYPE_CHECKING:
     import dask.array as da
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 __all__ = ["SharedChunk", "dask_array"]
 
 # (handle, byte offset into the node's copy, shape, strides, dtype)
-_Ref = tuple[Handle, int, tuple[int, ...], tuple[int, ...], Any]
+_Ref = tuple[ArrayHandle, int, tuple[int, ...], tuple[int, ...], Any]
 
 
 def _plain(obj: Any) -> Any:
@@ -38,12 +38,12 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
-def _window_bytes(handle: Handle) -> np.ndarray:
+def _window_bytes(handle: ArrayHandle) -> np.ndarray:
     """The node's copy of ``handle`` as flat bytes, in memory order (local)."""
     return handle.resolve().reshape(-1, order="A").view(np.uint8)
 
 
-def _ref_for(arr: np.ndarray, handle: Handle) -> _Ref | None:
+def _ref_for(arr: np.ndarray, handle: ArrayHandle) -> _Ref | None:
     """Where ``arr`` lies in the node's copy of ``handle``, or None if it does not."""
     base = _window_bytes(handle)
     lo = base.__array_interface__["data"][0]
@@ -56,7 +56,7 @@ def _ref_for(arr: np.ndarray, handle: Handle) -> _Ref | None:
 
 
 def _from_ref(
-    handle: Handle, offset: int, shape: tuple[int, ...], strides: tuple[int, ...], descr: Any
+    handle: ArrayHandle, offset: int, shape: tuple[int, ...], strides: tuple[int, ...], descr: Any
 ) -> SharedChunk:
     """Rebuild a referenced view on this node's copy (local)."""
     dtype = np.lib.format.descr_to_dtype(descr)
@@ -96,7 +96,9 @@ class SharedChunk(np.ndarray):
         return (np.array, (self.view(np.ndarray),))
 
 
-def _chunk(handle: Handle, index: tuple[Any, ...], asarray: bool = True, lock: Any = None) -> SharedChunk:
+def _chunk(
+    handle: ArrayHandle, index: tuple[Any, ...], asarray: bool = True, lock: Any = None
+) -> SharedChunk:
     """The chunk ``index`` of ``handle`` on this node (local; a dask array getter)."""
     view = handle.resolve()[index]
     if not isinstance(view, np.ndarray):  # a 0-d input: index () gives a scalar, not a view
@@ -106,7 +108,7 @@ def _chunk(handle: Handle, index: tuple[Any, ...], asarray: bool = True, lock: A
     return chunk
 
 
-def dask_array(handle: Handle, chunks: Any = "auto") -> da.Array:
+def dask_array(handle: ArrayHandle, chunks: Any = "auto") -> da.Array:
     """A dask array whose chunks are slices of the node's shared view (local).
 
     The graph holds only the handle and the slices, never array data; each
@@ -121,8 +123,8 @@ def dask_array(handle: Handle, chunks: Any = "auto") -> da.Array:
     """
     import dask.array as da
 
-    if not isinstance(handle, Handle):
-        raise TypeError(f"dask_array() takes an hpcshare Handle, got {type(handle).__name__}")
+    if not isinstance(handle, ArrayHandle):
+        raise TypeError(f"dask_array() takes an hpcshare Handle of an array, got {type(handle).__name__}")
     from dask.base import tokenize
 
     chunks = da.core.normalize_chunks(chunks, handle.shape, dtype=handle.dtype)
@@ -158,7 +160,7 @@ def _register_with_dask() -> None:
     def _deserialize_chunk(header: dict[str, Any], frames: list[Any]) -> np.ndarray:
         if "hpcshare-ref" in header:
             return _from_ref(*pickle.loads(header["hpcshare-ref"]))
-        return deserialize_numpy_ndarray(header, frames)  # type: ignore[no-any-return]
+        return deserialize_numpy_ndarray(header, frames)
 
 
 _register_with_dask()

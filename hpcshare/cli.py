@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
-import os
 import signal
 import sys
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-from dask.utils import parse_bytes
-
 from . import __version__
+from .config import positive_int, size_in_bytes
 from .demo import DEFAULT_SIZE, DEFAULT_TASKS
+from .errors import ConfigError
+from .log import install_handler
+from .topology import launcher_rank
 
 _INTERRUPT_STAGGER = 0.1  # seconds between ranks reacting to Ctrl-C
 
@@ -34,24 +34,30 @@ class JobArgs:
     demo_tasks: int
 
 
-def _size(text: str) -> int:
+def _argument(check: Callable[[str, Any], int]) -> Callable[[str], int]:
+    """An argparse type from one of hpcshare.config's checks (the same rules as config keys)."""
+
+    def convert(text: str) -> int:
+        try:
+            return check("the value", text)
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc).replace("the value ", "")) from None
+
+    return convert
+
+
+def _nonzero_size(name: str, text: str) -> int:
     try:
-        value = int(parse_bytes(text))
-    except (ValueError, TypeError):
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 256MiB or 1GiB)") from None
+        value = size_in_bytes(name, text)
+    except ConfigError:
+        raise ConfigError(f"{name} is not a size: {text!r} (try 256MiB or 1GiB)") from None
     if value <= 0:
-        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
+        raise ConfigError(f"{name} must be positive, got {text!r}")
     return value
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
-    return value
+_positive = _argument(positive_int)
+_size = _argument(_nonzero_size)
 
 
 def _input(text: str) -> tuple[str, str]:
@@ -63,20 +69,11 @@ def _input(text: str) -> tuple[str, str]:
     return name.strip(), source.strip()
 
 
-def _launcher_rank() -> int:
-    """This process's rank as the launcher set it, before MPI starts (0 if none)."""
-    for var in ("PMI_RANK", "PMIX_RANK", "OMPI_COMM_WORLD_RANK", "SLURM_PROCID"):
-        value = os.environ.get(var, "")
-        if value.isdigit():
-            return int(value)
-    return 0
-
-
 class _Parser(argparse.ArgumentParser):
     """Usage errors are printed by the first rank only, not once per rank."""
 
     def error(self, message: str) -> NoReturn:
-        if _launcher_rank() == 0:
+        if launcher_rank() == 0:
             self.print_usage(sys.stderr)
             print(f"{self.prog}: error: {message}", file=sys.stderr)
         sys.exit(2)
@@ -212,10 +209,10 @@ def _interrupted(signum: int, frame: Any) -> None:
     system may kill all of the job's processes (the /dev/shm watcher too)
     before the abort has reached the other nodes.
     """
-    from . import runtime
+    from . import runtime, shm
 
-    runtime.unlink_shm_files()
-    rank = _launcher_rank()
+    shm.unlink_mapped()
+    rank = launcher_rank()
     # The launcher signals every rank, and the first abort ends them all. Ranks
     # after the first give the lower ones a moment, so one line is printed,
     # yet a rank stuck in C code (Python handlers wait for it) cannot hide it.
@@ -236,28 +233,28 @@ def _job(args: JobArgs) -> int:
         print(f"hpcshare: error: {exc}", file=sys.stderr, flush=True)
         return 1
 
-    from . import _sync, runtime
-    from .demo import INPUT_NAME, demo_input, demo_main
+    from . import runtime, sync
+    from .demo import demo_job
 
     inputs: dict[str, Any] = dict(args.inputs)
     main: Any = args.jobfile
     if args.jobfile is None:
-        main = functools.partial(demo_main, tasks=args.demo_tasks)
-        inputs.setdefault(INPUT_NAME, functools.partial(demo_input, args.demo_size))
+        main, inputs = demo_job(inputs, args.demo_size, args.demo_tasks)
+    install_handler()
     signal.signal(signal.SIGINT, _interrupted)
     signal.signal(signal.SIGTERM, _interrupted)
     try:
         runtime.run(main, inputs, **dict(args.options))
     except HpcshareError as exc:
-        if _sync.origin_of(exc) is None:
+        if sync.origin_of(exc) is None:
             print(f"hpcshare: error: {exc}", file=sys.stderr, flush=True)
-        if not _sync.agreed(exc):
+        if not sync.agreed(exc):
             runtime.abort(code=1)
         return 1
     except Exception as exc:
-        if _sync.origin_of(exc) is None:
+        if sync.origin_of(exc) is None:
             traceback.print_exc()
-        if not _sync.agreed(exc):
+        if not sync.agreed(exc):
             runtime.abort(code=1)
         return 1
     return 0
@@ -276,10 +273,10 @@ def _bench(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the running contender is down, its files gone
         print(f"bench: interrupted; the runs so far are in {cfg.out}", file=sys.stderr, flush=True)
         return 130
-    failed = [r for r in result["rows"] if r["status"] == "failed"]
-    if failed or not result["checksums_agree"]:
+    failed = [r for r in result.rows if r.status == "failed"]
+    if failed or not result.checksums_agree:
         print(
-            f"bench: {len(failed)} run(s) failed; checksums agree: {result['checksums_agree']}",
+            f"bench: {len(failed)} run(s) failed; checksums agree: {result.checksums_agree}",
             file=sys.stderr,
         )
         return 1

@@ -11,11 +11,11 @@ from typing import Any
 
 import dask.config
 import yaml
-from dask.utils import parse_bytes
+from dask.utils import parse_bytes, parse_timedelta
 
 from .errors import ConfigError
 
-__all__ = ["JobConfig"]
+__all__ = ["JobConfig", "parse_flag", "positive_int", "size_in_bytes"]
 
 _fn = os.path.join(os.path.dirname(__file__), "hpcshare.yaml")
 with open(_fn) as _f:
@@ -34,26 +34,47 @@ _KEYS = {
     "memory_limit": "hpcshare.worker.memory-limit",
     "dashboard_address": "hpcshare.dashboard-address",
     "dask_log_level": "hpcshare.dask-log-level",
+    "prefault": "hpcshare.prefault",
 }
 
 
-def _positive_int(name: str, value: Any, allow_none: bool = False) -> int | None:
-    if value is None and allow_none:
-        return None
+def positive_int(name: str, value: Any) -> int:
+    """``value`` as a whole number of at least 1, or a :class:`ConfigError` naming ``name`` (local)."""
     try:
         out = int(value)
     except (TypeError, ValueError):
         out = 0
     if out < 1 or isinstance(value, bool) or (isinstance(value, float) and value != out):
-        raise ConfigError(f"{name} must be a positive whole number, got {value!r}")
+        raise ConfigError(f"{name} must be a whole number of at least 1, got {value!r}")
     return out
 
 
-def _bytes(name: str, value: Any) -> int:
+def size_in_bytes(name: str, value: Any) -> int:
+    """``value`` ("64 MiB", "1GiB", 4096) in bytes, or a :class:`ConfigError` naming ``name`` (local)."""
     try:
-        return int(parse_bytes(value))
+        out = int(parse_bytes(value))
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{name} must be a size like '64 MiB', got {value!r}") from exc
+    if out < 0:
+        raise ConfigError(f"{name} must be a size like '64 MiB', got {value!r}")
+    return out
+
+
+def parse_flag(value: Any) -> bool:
+    """A yes/no setting from YAML, an environment variable or a keyword (local)."""
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return bool(value)
+
+
+def _seconds(name: str, value: Any) -> float:
+    try:
+        out = float(parse_timedelta(value, default="seconds"))
+    except (TypeError, ValueError, KeyError):
+        out = -1.0
+    if out <= 0:
+        raise ConfigError(f"{name} must be a positive duration such as 120 or '2 minutes', got {value!r}")
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +91,7 @@ class JobConfig:
     memory_limit: int | None = None  # None: auto
     dashboard_address: str = ":8787"
     dask_log_level: str = "warning"
+    prefault: bool = True
 
     @classmethod
     def from_options(cls, **options: Any) -> JobConfig:
@@ -90,31 +112,24 @@ class JobConfig:
 
     @classmethod
     def _validate(cls, raw: Mapping[str, Any]) -> JobConfig:
-        readers = raw["readers"]
-        memory_limit = raw["memory_limit"]
+        readers, memory_limit, rpn = raw["readers"], raw["memory_limit"], raw["ranks_per_node"]
         level = str(raw["dask_log_level"]).lower()
         if level not in ("debug", "info", "warning", "error", "critical"):
             raise ConfigError(
                 f"dask_log_level must be debug, info, warning, error or critical, got {level!r}"
             )
-        try:
-            timeout = float(raw["timeout"])
-        except (TypeError, ValueError):
-            timeout = -1.0
-        if timeout <= 0:
-            raise ConfigError(f"timeout must be a positive number of seconds, got {raw['timeout']!r}")
-        quiet = raw["quiet"]
-        if isinstance(quiet, str):
-            quiet = quiet.strip().lower() in ("1", "true", "yes", "on")
         return cls(
-            ranks_per_node=_positive_int("ranks_per_node", raw["ranks_per_node"], allow_none=True),
-            readers=None if readers in (None, "auto") else _positive_int("readers", readers),
+            ranks_per_node=None if rpn is None else positive_int("ranks_per_node", rpn),
+            readers=None if readers in (None, "auto") else positive_int("readers", readers),
             shm_dir=str(raw["shm_dir"]),
-            shm_headroom=_bytes("shm_headroom", raw["shm_headroom"]),
-            quiet=bool(quiet),
-            timeout=timeout,
-            nthreads=int(_positive_int("nthreads", raw["nthreads"]) or 0),
-            memory_limit=None if memory_limit in (None, "auto") else _bytes("memory_limit", memory_limit),
+            shm_headroom=size_in_bytes("shm_headroom", raw["shm_headroom"]),
+            quiet=parse_flag(raw["quiet"]),
+            timeout=_seconds("timeout", raw["timeout"]),
+            nthreads=positive_int("nthreads", raw["nthreads"]),
+            memory_limit=None
+            if memory_limit in (None, "auto")
+            else size_in_bytes("memory_limit", memory_limit),
             dashboard_address=str(raw["dashboard_address"]),
             dask_log_level=level,
+            prefault=parse_flag(raw["prefault"]),
         )

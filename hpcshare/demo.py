@@ -7,9 +7,10 @@ plain NumPy on its own view of the data.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -18,9 +19,10 @@ from .loaders import Fill
 if TYPE_CHECKING:
     from distributed import Client
 
-    from .handles import Handle
+    from .handles import ArrayHandle
+    from .importing import MainFunction
 
-__all__ = ["DEFAULT_SIZE", "DEFAULT_TASKS", "demo_input", "demo_main", "moment"]
+__all__ = ["DEFAULT_SIZE", "DEFAULT_TASKS", "INPUT_NAME", "demo_input", "demo_job", "demo_main", "moment"]
 
 DEFAULT_SIZE = 256 * 2**20
 DEFAULT_TASKS = 16
@@ -34,7 +36,7 @@ def demo_input(nbytes: int = DEFAULT_SIZE, seed: int = 0) -> Fill:
     return Fill((n,), np.float64, lambda out: np.random.default_rng(seed).random(out=out))
 
 
-def moment(handle: Handle, k: int) -> float:
+def moment(handle: ArrayHandle, k: int) -> float:
     """``sum(x**k)`` over the whole shared input, block by block (runs in a task)."""
     x = handle.resolve().reshape(-1)
     total = 0.0
@@ -43,7 +45,9 @@ def moment(handle: Handle, k: int) -> float:
     return total
 
 
-def demo_main(client: Client, inputs: Mapping[str, Handle], tasks: int = DEFAULT_TASKS) -> dict[int, float]:
+def demo_main(
+    client: Client, inputs: Mapping[str, ArrayHandle], tasks: int = DEFAULT_TASKS
+) -> dict[int, float]:
     """Run ``tasks`` moment tasks on the input named ``data`` and check them (client rank)."""
     if INPUT_NAME not in inputs:
         raise KeyError(f"the demo job needs an input named {INPUT_NAME!r}; got {sorted(inputs)}")
@@ -83,3 +87,11 @@ def demo_main(client: Client, inputs: Mapping[str, Handle], tasks: int = DEFAULT
         )
     print(f"demo: {tasks} tasks OK, all match plain NumPy; task phase {elapsed:.2f} s", flush=True)
     return {k: expected[k] for k in sorted(expected)}
+
+
+def demo_job(
+    inputs: Mapping[str, Any] | None, size: int = DEFAULT_SIZE, tasks: int = DEFAULT_TASKS
+) -> tuple[MainFunction, dict[str, Any]]:
+    """The demo's ``main`` and inputs: ``inputs`` plus, unless it names one, ``data`` of ``size`` bytes."""
+    main = functools.partial(demo_main, tasks=tasks)
+    return main, {INPUT_NAME: functools.partial(demo_input, size), **(inputs or {})}

@@ -15,52 +15,98 @@ import threading
 from typing import Any
 
 import numpy as np
+from dask.sizeof import sizeof
 from numpy.lib import format as _npformat
 
 from .errors import ResolveError
 
-__all__ = ["Handle"]
+__all__ = ["ArrayHandle", "Handle", "ObjectHandle", "register", "registered_views", "unregister"]
 
 _lock = threading.Lock()
 # name -> (generation, read-only typed array over the node's window)
 _registry: dict[str, tuple[str, np.ndarray]] = {}
-# name -> generation of inputs that were placed here and have been freed
-_freed: dict[str, str] = {}
+# name -> (generation, why) of inputs that were placed here and have been freed
+_freed: dict[str, tuple[str, str]] = {}
+_ENDED = "the job that placed it has ended and its shared memory was freed."
 
 
-def _register(name: str, generation: str, array: np.ndarray) -> None:
+def register(name: str, generation: str, array: np.ndarray) -> None:
+    """Make ``array`` (made read-only here) what handles of ``name`` and ``generation`` resolve to (local)."""
     array.flags.writeable = False
     with _lock:
         _registry[name] = (generation, array)
         _freed.pop(name, None)
 
 
-def _unregister(name: str) -> None:
+def unregister(name: str, generation: str | None = None, why: str = _ENDED) -> None:
+    """Forget input ``name`` in this process; its handles then say ``why`` (local).
+
+    ``generation`` marks it freed even if this process never resolved it.
+    """
     with _lock:
         entry = _registry.pop(name, None)
-        if entry is not None:
-            _freed[name] = entry[0]
+        gen = generation if generation is not None else (entry[0] if entry is not None else None)
+        if gen is not None:
+            _freed[name] = (gen, why)
+
+
+def freed_because(name: str, generation: str) -> str | None:
+    """Why ``name`` of ``generation`` was freed in this process, or None (local)."""
+    entry = _freed.get(name)
+    return entry[1] if entry is not None and entry[0] == generation else None
+
+
+def registered_views() -> list[tuple[str, np.ndarray]]:
+    """(name, read-only view) of every input this process holds (local)."""
+    with _lock:
+        return [(name, view) for name, (_, view) in _registry.items()]
 
 
 def _where() -> str:
     return f"process {os.getpid()} on {socket.gethostname()}"
 
 
-@dataclasses.dataclass(frozen=True)
+_NOT_IN_A_JOB = (
+    "no hpcshare job placed it in this process. Handles resolve only in the "
+    "ranks of the job that placed them: run tasks on the job's in-process "
+    "workers (no Nanny, no LocalCluster), started by `python -m hpcshare job` "
+    "or hpcshare.run()."
+)
+
+
 class Handle:
-    """A small, picklable name for one input that lives once per node.
+    """A small, picklable name for one object held once per node.
 
     Pass it to tasks (``client.submit(f, handle)``, ``client.map``,
     ``dask.delayed``) instead of the data; inside the task call
-    :meth:`resolve` or ``numpy.asarray(handle)`` to get a read-only, zero-copy
-    view of the copy on the task's node. A handle never carries data.
+    :meth:`resolve` to get the object, built zero-copy over the copy on the
+    task's node. A handle never carries data. Handles of arrays are
+    :class:`ArrayHandle` (``numpy.asarray(handle)`` works too); handles of
+    DataFrames and Arrow objects from :func:`hpcshare.put` are
+    :class:`ObjectHandle`.
     """
+
+    __slots__ = ()
+    name: str
+    generation: str
+
+    def resolve(self) -> Any:
+        raise NotImplementedError
+
+    def __dask_tokenize__(self) -> tuple[str, ...]:
+        return ("hpcshare.Handle", self.name, self.generation)
+
+
+@dataclasses.dataclass(frozen=True)
+class ArrayHandle(Handle):
+    """The handle of an array: an input placed at launch, or one put while the job runs."""
 
     name: str
     shape: tuple[int, ...]
     dtype: np.dtype
     order: str  # "C" or "F"
     generation: str
+    stored: bool = False  #: put while the job runs (held in a node file, see hpcshare.store)
 
     @property
     def nbytes(self) -> int:
@@ -75,35 +121,36 @@ class Handle:
         return math.prod(self.shape)
 
     def resolve(self) -> np.ndarray:
-        """The read-only, zero-copy view of this input on this node (local, no MPI).
+        """The read-only, zero-copy view of this array on this node (local, no MPI).
 
         Raises
         ------
         ResolveError
-            If this process does not hold the input: it ran outside an hpcshare
-            job (a Nanny's child, a LocalCluster, a plain Python session), or the
-            job that placed it has ended.
+            If this process does not hold the array: it ran outside an hpcshare
+            job (a Nanny's child, a LocalCluster, a plain Python session), the
+            job that placed it has ended, or it was freed (:func:`hpcshare.free`).
         """
         entry = _registry.get(self.name)
-        if entry is None or entry[0] != self.generation:
-            raise ResolveError(self._why_missing(entry))
-        return entry[1]
+        if entry is not None and entry[0] == self.generation:
+            return entry[1]
+        if self.stored and entry is None and freed_because(self.name, self.generation) is None:
+            from . import store
+
+            return store.attach_array(self)
+        raise ResolveError(self._why_missing(entry))
 
     def _why_missing(self, entry: tuple[str, np.ndarray] | None) -> str:
-        head = f"input {self.name!r} (generation {self.generation}) cannot be resolved in {_where()}: "
+        what = "array" if self.stored else "input"
+        head = f"{what} {self.name!r} (generation {self.generation}) cannot be resolved in {_where()}: "
         if entry is not None:
             return head + (
                 f"this process holds generation {entry[0]} of that name; the handle comes "
                 "from an earlier job. Use the handles your current job received."
             )
-        if self.name in _freed:
-            return head + "the job that placed it has ended and its shared memory was freed."
-        return head + (
-            "no hpcshare job placed it in this process. Handles resolve only in the "
-            "ranks of the job that placed them: run tasks on the job's in-process "
-            "workers (no Nanny, no LocalCluster), started by `python -m hpcshare job` "
-            "or hpcshare.run()."
-        )
+        why = _freed.get(self.name)
+        if why is not None:
+            return head + why[1]
+        return head + _NOT_IN_A_JOB
 
     def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
         view = self.resolve()
@@ -128,7 +175,7 @@ class Handle:
     def __reduce__(self) -> tuple[Any, ...]:
         # Compact pickle: a dtype goes as its string (or field list), not as an object.
         dt = self.dtype.str if self.dtype.fields is None else _npformat.dtype_to_descr(self.dtype)
-        return (_rebuild, (self.name, self.shape, dt, self.order, self.generation))
+        return (_rebuild, (self.name, self.shape, dt, self.order, self.generation, self.stored))
 
     def __dask_tokenize__(self) -> tuple[str, ...]:
         return ("hpcshare.Handle", self.name, self.generation)
@@ -137,17 +184,46 @@ class Handle:
         return f"Handle({self.name!r}, shape={self.shape}, dtype={self.dtype}, order={self.order!r})"
 
 
-def _rebuild(name: str, shape: tuple[int, ...], dt: Any, order: str, generation: str) -> Handle:
-    return Handle(name, tuple(shape), _npformat.descr_to_dtype(dt), order, generation)
+def _rebuild(
+    name: str, shape: tuple[int, ...], dt: Any, order: str, generation: str, stored: bool = False
+) -> ArrayHandle:
+    return ArrayHandle(name, tuple(shape), _npformat.descr_to_dtype(dt), order, generation, stored)
 
 
+@dataclasses.dataclass(frozen=True)
+class ObjectHandle(Handle):
+    """The handle of a pandas DataFrame or Series, or an Arrow Table, RecordBatch or Array.
+
+    Made by :func:`hpcshare.put`; :meth:`resolve` builds the object over the
+    node's copy. A pandas object comes back as a shallow copy whose column
+    buffers are read-only and shared: assigning into it changes only that
+    copy (pandas copy-on-write), never the node's.
+    """
+
+    name: str
+    generation: str
+    kind: str  #: "pandas" or "arrow"
+    nbytes: int  #: bytes of the node copy
+    summary: str  #: what was put, e.g. "DataFrame 2000000 x 11"
+
+    def resolve(self) -> Any:
+        """The object, built zero-copy over this node's copy (local, no MPI).
+
+        Raises
+        ------
+        ResolveError
+            Outside the job's ranks, after the job ended, or after
+            :func:`hpcshare.free`.
+        """
+        from . import store
+
+        return store.attach_object(self)
+
+    def __repr__(self) -> str:
+        return f"ObjectHandle({self.name!r}, {self.summary}, nbytes={self.nbytes})"
+
+
+@sizeof.register(Handle)
 def _sizeof_handle(h: Handle) -> int:
+    """Dask's memory accounting: a handle is small, whatever the object's size."""
     return 256
-
-
-try:  # let Dask's memory accounting know a handle is small
-    from dask.sizeof import sizeof as _sizeof
-
-    _sizeof.register(Handle)(_sizeof_handle)
-except ImportError:  # pragma: no cover - dask is a dependency
-    pass

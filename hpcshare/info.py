@@ -8,8 +8,8 @@ import sys
 
 from dask.utils import format_bytes
 
+from .shm import free_space, mapped_files
 from .topology import launcher_size, role_of
-from .windows import shm_free
 
 __all__ = ["print_info"]
 
@@ -17,16 +17,10 @@ _THREAD_LEVELS = {0: "single", 1: "funneled", 2: "serialized", 3: "multiple"}
 
 
 def _mpi_library_file() -> str | None:
-    """The shared MPI library this process loaded (from /proc/self/maps)."""
-    try:
-        with open("/proc/self/maps") as f:
-            for line in f:
-                path = line.split(maxsplit=5)[-1].strip()
-                name = os.path.basename(path)
-                if name.startswith(("libmpi.so", "libmpich.so", "libmpi_", "libmpicxx")):
-                    return path
-    except OSError:
-        pass
+    """The shared MPI library this process loaded (local)."""
+    for path in mapped_files():
+        if os.path.basename(path).startswith(("libmpi.so", "libmpich.so", "libmpi_", "libmpicxx")):
+            return path
     return None
 
 
@@ -41,7 +35,7 @@ def print_info(shm_dir: str | None = None) -> int:
     world = MPI.COMM_WORLD
     host = world.Split_type(MPI.COMM_TYPE_SHARED, key=world.Get_rank())
     try:
-        free, total = shm_free(shm_dir)
+        free, total = free_space(shm_dir)
     except OSError:
         free, total = -1, -1
     mine = (world.Get_rank(), socket.gethostname(), host.Get_rank(), host.Get_size(), free, total)

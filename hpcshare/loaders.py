@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import importlib.util
 import math
 import os
 import sys
@@ -24,8 +23,9 @@ from typing import Any
 import numpy as np
 
 from .errors import InputError
+from .importing import import_file
 
-__all__ = ["ArrayMeta", "Fill", "Source", "check_dtype", "parse_source", "source_for"]
+__all__ = ["ArrayMeta", "Fill", "Source", "check_dtype", "check_shape", "source_for", "split_range"]
 
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".he5", ".nc", ".nc4")
 _NAME_OK = "letters, digits, '_', '-' and '.'"
@@ -134,7 +134,7 @@ class Source:
 
     def slabs(self, meta: ArrayMeta, n: int) -> list[tuple[int, int]]:
         """Split the input into at most ``n`` disjoint byte ranges (local)."""
-        return _split(meta.nbytes, n, 1 << 16)
+        return split_range(meta.nbytes, n, 1 << 16)
 
     def read_slab(self, meta: ArrayMeta, out: np.ndarray, start: int, stop: int) -> None:
         """Read bytes ``start:stop`` of the array into ``out`` (the whole window, uint8)."""
@@ -145,7 +145,7 @@ class Source:
         raise NotImplementedError
 
 
-def _split(total: int, n: int, align: int) -> list[tuple[int, int]]:
+def split_range(total: int, n: int, align: int) -> list[tuple[int, int]]:
     """Cut ``range(total)`` into at most ``n`` ranges whose inner bounds are multiples of ``align``."""
     if total <= 0:
         return []
@@ -165,7 +165,7 @@ def _npy_header_via_memmap(name: str, path: str) -> tuple[tuple[int, ...], bool,
         fortran = bool(mm.flags.f_contiguous and not mm.flags.c_contiguous)
         return tuple(mm.shape), fortran, mm.dtype, int(mm.offset)
     finally:
-        mm._mmap.close()  # type: ignore[union-attr]
+        mm._mmap.close()
 
 
 class NpySource(Source):
@@ -272,7 +272,7 @@ class Hdf5Source(Source):
         # Whole rows, aligned to the dataset's chunks so no chunk is decompressed twice.
         if not meta.shape or meta.nbytes == 0:
             return [(0, meta.nbytes)] if meta.nbytes else []
-        rows = _split(meta.shape[0], n, meta.align_rows)
+        rows = split_range(meta.shape[0], n, meta.align_rows)
         rb = self._row_bytes(meta)
         return [(a * rb, b * rb) for a, b in rows]
 
@@ -309,12 +309,8 @@ class FunctionSource(Source):
                     f"input {self.name!r}: file {self.target!r} does not exist (cwd {os.getcwd()})"
                 )
             modname = "_hpcshare_src_" + "".join(c if c.isalnum() else "_" for c in self.target)
-            spec = importlib.util.spec_from_file_location(modname, self.target)
-            assert spec is not None and spec.loader is not None
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[modname] = module
             try:
-                spec.loader.exec_module(module)
+                module = import_file(self.target, modname)
             except Exception as exc:
                 raise InputError(
                     f"input {self.name!r}: importing {self.target!r} failed: {type(exc).__name__}: {exc}"
@@ -330,7 +326,7 @@ class FunctionSource(Source):
         func = getattr(module, self.func, None)
         if not callable(func):
             raise InputError(f"input {self.name!r}: {self.target!r} has no function {self.func!r}")
-        return func  # type: ignore[no-any-return]
+        return func
 
     def describe(self) -> ArrayMeta:
         func = self._load()
@@ -377,16 +373,6 @@ class FunctionSource(Source):
             np.copyto(arr, result, casting="no")
         else:  # pragma: no cover - describe() always runs first
             raise RuntimeError("fill() before describe()")
-
-
-def parse_source(spec: str) -> Source:
-    """Parse ``NAME=SOURCE`` into a :class:`Source` (local, touches no file)."""
-    name, sep, text = spec.partition("=")
-    if not sep:
-        raise InputError(
-            f"input {spec!r} has no name: write NAME=SOURCE, e.g. grid=data.h5:/grid or lut=table.npy"
-        )
-    return source_for(name.strip(), text.strip())
 
 
 def source_for(name: str, text: Any) -> Source:

@@ -1,78 +1,120 @@
-"""Placement: every input read once per node into a shared window, before Dask starts."""
+"""Placement: every input read once per node into a shared window, before Dask starts.
+
+:func:`place_inputs` runs six named steps, each collective on the job's world
+communicator and agreed (an error on one rank is raised on every rank at the
+same step):
+
+1. describe: world rank 0 learns each input's metadata and broadcasts it;
+2. check capacity: each host's shared memory must hold all of its nodes' copies;
+3. allocate: one window per input per node;
+4. fill: the node's readers read file inputs in parallel slabs; a function
+   source is written once, on world rank 0;
+5. publish: node 0's copy of function sources goes to every other node's
+   leader, and every rank's writes are made visible to the others;
+6. register: each rank registers a read-only view per input, and makes its handle.
+
+A failure after allocation frees what was allocated before it is raised.
+"""
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import dataclasses
-import functools
-import mmap
-import os
-import sys
 import time
 import traceback
-from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import numpy as np
+from dask.system import CPU_COUNT
 from dask.utils import format_bytes, format_time
 
-from . import _sync
+from . import sync
 from .errors import HpcshareError, InputError
-from .handles import Handle, _register, _unregister
-from .loaders import ArrayMeta, Source, _split
-from .windows import NodeWindow, check_capacity
+from .handles import ArrayHandle, register, unregister
+from .loaders import ArrayMeta, Source
+from .log import logger
+from .shm import check_capacity
+from .windows import NodeWindow
 
 if TYPE_CHECKING:
     from .config import JobConfig
     from .topology import Topology
 
-__all__ = ["PlacedInput", "Placement", "place_inputs"]
+__all__ = ["PlacedInput", "Placement", "PlacementStats", "RankStats", "place_inputs"]
 
-_PIECE = 64 * 2**20  # bytes read between progress checks
+_PIECE = 64 * 2**20  # bytes read between progress checks; inputs this large get progress lines
 _PROGRESS_EVERY = 2.0  # seconds between progress lines
 _BCAST_PIECE = 256 * 2**20  # bytes per broadcast message between node leaders
 
 
-def log(message: str) -> None:
-    """Print one hpcshare status line to stderr (local)."""
-    print(f"hpcshare: {message}", file=sys.stderr, flush=True)
+@dataclasses.dataclass(frozen=True)
+class RankStats:
+    """One rank's share of placement."""
+
+    rank: int
+    read: float  #: seconds spent on its own share of reading or filling
+    wait: float  #: seconds spent waiting for the other ranks during fill and publish
+    cpu: float  #: CPU seconds used during fill and publish
+    worked: bool  #: whether it read, wrote or sent data (False: it only waited)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
+class PlacementStats:
+    """Placement's figures: seconds per step on this rank's clock, and bytes."""
+
+    n_inputs: int
+    nbytes: int  #: bytes one node holds for all inputs
+    n_nodes: int
+    describe: float
+    capacity: float
+    allocate: float
+    read: float
+    broadcast: float
+    total: float
+    #: every rank's figures, gathered only when asked for (``run(on_placed=...)``)
+    ranks: tuple[RankStats, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
 class PlacedInput:
     """One input, placed: its metadata, its window on this node, its handle."""
 
     source: Source
     meta: ArrayMeta
     window: NodeWindow
-    handle: Handle
+    handle: ArrayHandle
 
 
-@dataclasses.dataclass
 class Placement:
-    """All inputs of a job on this rank. End with :meth:`free` (collective on world)."""
+    """All inputs of a job on this rank.
 
-    inputs: dict[str, PlacedInput]
-    timings: dict[str, float]
-    #: per rank: seconds reading its own share, seconds waiting for the others,
-    #: CPU seconds during reading and waiting, and whether it read or sent data
-    ranks: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    End with :meth:`free` (collective on world), or use it as a context
+    manager: leaving the block frees it.
+    """
+
+    def __init__(self, inputs: dict[str, PlacedInput], stats: PlacementStats) -> None:
+        self.inputs = inputs
+        self.stats = stats
 
     @property
-    def handles(self) -> dict[str, Handle]:
+    def handles(self) -> dict[str, ArrayHandle]:
         return {name: p.handle for name, p in self.inputs.items()}
 
     @property
     def nbytes(self) -> int:
         """Bytes one node holds for all inputs."""
-        return sum(p.meta.nbytes for p in self.inputs.values())
+        return self.stats.nbytes
 
     def free(self) -> None:
-        """Unregister and free every window, last placed first (collective). Idempotent."""
+        """Unregister and free every window, last placed first (collective on world). Idempotent."""
         for name in reversed(list(self.inputs)):
-            _unregister(name)
+            unregister(name)
             self.inputs[name].window.free()
+
+    def __enter__(self) -> Placement:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.free()
 
 
 class _Progress:
@@ -89,78 +131,144 @@ class _Progress:
         if self.enabled and self.total and now - self.last >= _PROGRESS_EVERY:
             self.last = now
             rate = self.done / max(now - self.start, 1e-9)
-            log(
+            logger.info(
                 f"reading {self.name!r}: {100 * self.done / self.total:.0f}% of this rank's "
                 f"{format_bytes(self.total)} ({format_bytes(int(rate))}/s)"
             )
 
 
+class _Clock:
+    """Seconds per step (world rank 0's figures are the ones reported) and this rank's own work."""
+
+    def __init__(self) -> None:
+        self.start = self.mark = time.perf_counter()
+        self.steps: dict[str, float] = {}
+        self.own = 0.0  # seconds of this rank's own reading, filling and sending
+        self.cpu = time.process_time()
+
+    def step(self, name: str) -> None:
+        now = time.perf_counter()
+        self.steps[name] = now - self.mark
+        self.mark = now
+
+    def own_done(self) -> None:
+        """This rank finished its own part of the current step; the rest is waiting."""
+        self.own += time.perf_counter() - self.mark
+
+    def restart_cpu(self) -> None:
+        self.cpu = time.process_time()
+
+    def cpu_used(self) -> float:
+        return time.process_time() - self.cpu
+
+
 def _readers(topo: Topology, config: JobConfig) -> int:
+    """How many of the node's ranks read a file input in parallel (local)."""
     if config.readers is not None:
         return min(config.readers, topo.node.Get_size())
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        cpus = os.cpu_count() or 1
-    return max(1, min(topo.node.Get_size(), cpus))
+    return max(1, min(topo.node.Get_size(), CPU_COUNT))
 
 
-_MADV_HUGEPAGE = 14
-_MADV_POPULATE_WRITE = 23  # Linux 5.14+
-_PREFAULT = os.environ.get("HPCSHARE_PREFAULT", "1") == "1"  # for measuring; see docs/benchmarks.md
+def _describe(topo: Topology, sources: Sequence[Source]) -> list[ArrayMeta]:
+    """Step 1: learn every input's metadata on world rank 0 (collective on world)."""
+    metas: list[ArrayMeta] | None = None
+    with sync.Collective(topo.world):
+        if topo.rank == 0:
+            metas = [src.describe() for src in sources]
+    metas = sync.bcast(topo.world, metas)
+    assert metas is not None
+    return metas
 
 
-def _prefault(out: np.ndarray, start: int, stop: int) -> None:
-    """Allocate the pages of ``out[start:stop]`` in one call (local; best effort).
+def _check_capacity(topo: Topology, metas: Sequence[ArrayMeta], config: JobConfig) -> None:
+    """Step 2: refuse inputs the host's shared memory cannot hold (collective on world).
 
-    First-touch faults on shared memory cost about 1 s per GiB on one core;
-    the kernel populates the same pages faster, and each reader does its own
-    share, so the node's cores split the work.
+    Per physical host: emulated nodes on one host share its /dev/shm.
     """
-    if stop <= start:
-        return
-    libc = _libc()
-    if libc is None:
-        return
-    page = mmap.PAGESIZE
-    addr = out.ctypes.data + start
-    lo = addr - addr % page
-    length = ctypes.c_size_t(addr + (stop - start) - lo)
-    # huge pages, where the administrator allows them for shared memory
-    # (/sys/kernel/mm/transparent_hugepage/shmem_enabled: advise or within_size)
-    libc.madvise(ctypes.c_void_p(lo), length, _MADV_HUGEPAGE)
-    libc.madvise(ctypes.c_void_p(lo), length, _MADV_POPULATE_WRITE)
+    total = sum(m.nbytes for m in metas)
+    nodes_here = topo.host.allreduce(1 if topo.is_leader else 0)
+    with sync.Collective(topo.world):
+        if topo.host.Get_rank() == 0 and total:
+            what = f"{len(metas)} input(s) x {nodes_here} node(s) on this host"
+            check_capacity(config.shm_dir, total * nodes_here, config.shm_headroom, what)
 
 
-@functools.cache
-def _libc() -> Any:
+def _allocate(topo: Topology, sources: Sequence[Source], metas: Sequence[ArrayMeta]) -> list[NodeWindow]:
+    """Step 3: one window per input on each node (collective on world).
+
+    An input that cannot be allocated frees the ones allocated before it.
+    """
+    windows: list[NodeWindow] = []
     try:
-        return ctypes.CDLL(None, use_errno=True)
-    except OSError:  # pragma: no cover - not Linux
-        return None
+        for src, meta in zip(sources, metas, strict=True):
+            with sync.Collective(topo.world):
+                windows.append(NodeWindow.allocate(topo.node, meta.nbytes, src.name))
+    except BaseException:
+        _free_all(windows)
+        raise
+    return windows
 
 
-def _read_parallel(
-    topo: Topology, src: Source, meta: ArrayMeta, out: np.ndarray, readers: int, chatty: bool, prefault: bool
+def _read_share(
+    topo: Topology, src: Source, meta: ArrayMeta, win: NodeWindow, readers: int, config: JobConfig
 ) -> None:
-    """Read this rank's pieces of ``src`` (local; the node's readers together read all)."""
+    """Read this rank's slabs of a file input (local; the node's readers together read all)."""
     pieces = src.slabs(meta, max(readers, -(-meta.nbytes // _PIECE)))
     me = topo.node.Get_rank()
-    if me >= readers or not pieces:
+    per = -(-len(pieces) // readers) if pieces else 0
+    mine = pieces[me * per : (me + 1) * per] if me < readers else []
+    if not mine:  # not a reader, or fewer pieces than readers (a small or single-chunk input)
         return
-    per = -(-len(pieces) // readers)
-    mine = pieces[me * per : (me + 1) * per]
-    if not mine:  # fewer pieces than readers (a small or single-chunk input)
-        return
+    chatty = topo.rank == 0 and not config.quiet
     progress = _Progress(src.name, sum(b - a for a, b in mine), chatty)
-    if prefault:
-        _prefault(out, mine[0][0], mine[-1][1])
+    if config.prefault:
+        win.prefault(mine[0][0], mine[-1][1])
+    out = win.bytes()
     for a, b in mine:
         src.read_slab(meta, out, a, b)
         progress.add(b - a)
 
 
-def _broadcast_between_nodes(topo: Topology, window: NodeWindow) -> None:
+def _write_once(
+    topo: Topology, src: Source, meta: ArrayMeta, win: NodeWindow, readers: int, config: JobConfig
+) -> None:
+    """Write a function source's data on world rank 0 (local).
+
+    Meanwhile the node's readers have the kernel allocate the window's pages,
+    each its own share, in parallel.
+    """
+    me = topo.node.Get_rank()
+    if config.prefault and me < readers:
+        win.prefault_share(me, readers)
+    if topo.rank == 0:
+        src.fill(meta, win.bytes())
+
+
+def _fill(
+    topo: Topology,
+    sources: Sequence[Source],
+    metas: Sequence[ArrayMeta],
+    windows: Sequence[NodeWindow],
+    config: JobConfig,
+    clock: _Clock,
+) -> None:
+    """Step 4: read every file input, write every function source (collective on world)."""
+    readers = _readers(topo, config)
+    with sync.Collective(topo.world):
+        for src, meta, win in zip(sources, metas, windows, strict=True):
+            try:
+                if src.parallel:
+                    _read_share(topo, src, meta, win, readers, config)
+                else:
+                    _write_once(topo, src, meta, win, readers, config)
+            except HpcshareError:
+                raise
+            except Exception as exc:
+                raise InputError.from_failure(src.name, f"placing {src.text} failed with", exc) from exc
+        clock.own_done()
+
+
+def _between_nodes(topo: Topology, window: NodeWindow) -> None:
     """Copy node 0's window into every other node's, once per node (collective on leaders)."""
     from mpi4py import MPI
 
@@ -169,126 +277,128 @@ def _broadcast_between_nodes(topo: Topology, window: NodeWindow) -> None:
     data = window.bytes()
     for a in range(0, window.nbytes, _BCAST_PIECE):
         piece = data[a : a + _BCAST_PIECE]
-        _sync.wait(topo.leaders.Ibcast([piece, MPI.BYTE], root=0), what="node 0's leader")
+        sync.wait(topo.leaders.Ibcast([piece, MPI.BYTE], root=0), what="node 0's leader")
 
 
-@contextlib.contextmanager
-def _naming(src: Source) -> Iterator[None]:
-    """Turn a failure while reading or filling ``src`` into an error that names the input."""
-    try:
-        yield
-    except HpcshareError:
-        raise
-    except Exception as exc:
-        raise InputError.from_failure(src.name, f"placing {src.text} failed with", exc) from exc
+def _publish(topo: Topology, sources: Sequence[Source], windows: Sequence[NodeWindow], clock: _Clock) -> None:
+    """Step 5: function sources to the other nodes; every rank's writes visible (collective on world)."""
+    with sync.Collective(topo.world):
+        for src, win in zip(sources, windows, strict=True):
+            if not src.parallel:
+                _between_nodes(topo, win)
+            win.sync()  # publish this rank's writes before the others read
+        clock.own_done()
+    for win in windows:
+        win.sync()  # and see theirs
 
 
-def place_inputs(topo: Topology, sources: Sequence[Source], config: JobConfig, generation: str) -> Placement:
+def _register(
+    sources: Sequence[Source], metas: Sequence[ArrayMeta], windows: Sequence[NodeWindow], generation: str
+) -> dict[str, PlacedInput]:
+    """Step 6: a read-only view and a handle per input (local)."""
+    placed = {}
+    for src, meta, win in zip(sources, metas, windows, strict=True):
+        register(src.name, generation, win.array(meta.shape, meta.dtype, meta.order))
+        handle = ArrayHandle(src.name, meta.shape, meta.dtype, meta.order, generation)
+        placed[src.name] = PlacedInput(src, meta, win, handle)
+    return placed
+
+
+def _free_all(windows: Sequence[NodeWindow]) -> None:
+    """Free windows, last allocated first (collective on each node communicator)."""
+    for win in reversed(windows):
+        win.free()
+
+
+def _drop_frames(exc: BaseException) -> None:
+    """Clear the frames of ``exc`` and the errors chained to it: they hold views of the windows."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        traceback.clear_frames(seen.__traceback__)
+        seen = seen.__cause__ or seen.__context__
+
+
+def _stats(
+    topo: Topology, metas: Sequence[ArrayMeta], clock: _Clock, config: JobConfig, gather: bool
+) -> PlacementStats:
+    """Placement's figures; every rank's too when ``gather`` (then collective on world)."""
+    ranks: tuple[RankStats, ...] = ()
+    if gather:
+        worked = topo.node.Get_rank() < _readers(topo, config) or topo.rank == 0
+        worked = worked or (topo.is_leader and topo.n_nodes > 1)
+        filling = clock.steps["read"] + clock.steps["broadcast"]
+        mine = RankStats(topo.rank, clock.own, filling - clock.own, clock.cpu_used(), worked)
+        ranks = tuple(topo.world.allgather(mine))
+    return PlacementStats(
+        n_inputs=len(metas),
+        nbytes=sum(m.nbytes for m in metas),
+        n_nodes=topo.n_nodes,
+        total=time.perf_counter() - clock.start,
+        ranks=ranks,
+        **clock.steps,
+    )
+
+
+def _log_summary(stats: PlacementStats, sources: Sequence[Source]) -> None:
+    rate = stats.nbytes / max(stats.read, 1e-9)
+    all_files = all(s.parallel for s in sources)
+    verb = "read" if all_files else "read/written"
+    parts = [
+        f"allocate {format_time(stats.allocate)}",
+        f"{verb} {format_time(stats.read)} at {format_bytes(int(rate))}/s",
+    ]
+    if stats.n_nodes > 1 and not all_files:
+        parts.append(f"between nodes {format_time(stats.broadcast)}")
+    logger.info(
+        f"placed {stats.n_inputs} input(s), {format_bytes(stats.nbytes)} per node on {stats.n_nodes} "
+        f"node(s), in {format_time(stats.total)} ({', '.join(parts)})"
+    )
+
+
+def place_inputs(
+    topo: Topology,
+    sources: Sequence[Source],
+    config: JobConfig,
+    generation: str,
+    *,
+    gather_stats: bool = False,
+) -> Placement:
     """Place every input once per node (collective on ``topo.world``).
 
-    Metadata is learned on world rank 0 and broadcast; each node's shared
+    Metadata is learned on world rank 0 and broadcast; each host's shared
     memory is checked before anything is allocated; files are read straight
     into the window by the node's readers in parallel slabs; a function source
     runs once, on world rank 0, and its bytes go to the other nodes' leaders.
     An error on any rank is raised on every rank, after freeing what was
-    allocated.
+    allocated. With ``gather_stats``, every rank's figures are gathered into
+    the result's :class:`PlacementStats` (one more collective).
     """
-    world = topo.world
     chatty = topo.rank == 0 and not config.quiet
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-
-    metas: list[ArrayMeta] | None = None
-    with _sync.Collective(world):
-        if topo.rank == 0:
-            metas = [src.describe() for src in sources]
-    metas = _sync.bcast(world, metas)
-    assert metas is not None
-    timings["describe"] = time.perf_counter() - t0
+    clock = _Clock()
+    metas = _describe(topo, sources)
+    clock.step("describe")
+    _check_capacity(topo, metas, config)
+    clock.step("capacity")
+    windows = _allocate(topo, sources, metas)
+    clock.step("allocate")
     total = sum(m.nbytes for m in metas)
-
-    # Capacity, per physical host: emulated nodes on one host share its /dev/shm.
-    nodes_here = topo.host.allreduce(1 if topo.is_leader else 0)
-    with _sync.Collective(world):
-        if topo.host.Get_rank() == 0 and total:
-            what = f"{len(metas)} input(s) x {nodes_here} node(s) on this host"
-            check_capacity(config.shm_dir, total * nodes_here, config.shm_headroom, what)
-
-    placed: dict[str, PlacedInput] = {}
-    placement = Placement(placed, timings)
-    try:
-        t = time.perf_counter()
-        windows: list[NodeWindow] = []
-        for src, meta in zip(sources, metas, strict=True):
-            with _sync.Collective(world):
-                windows.append(NodeWindow.allocate(topo.node, meta.nbytes, src.name))
-            placed[src.name] = PlacedInput(src, meta, windows[-1], None)  # type: ignore[arg-type]
-        timings["allocate"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        if chatty and total >= _PIECE:
-            log(f"placing {len(metas)} input(s), {format_bytes(total)} per node, on {topo.n_nodes} node(s)")
-        readers = _readers(topo, config)
-        cpu = time.process_time()
-        with _sync.Collective(world):
-            for src, meta, win in zip(sources, metas, windows, strict=True):
-                with _naming(src):
-                    if src.parallel:
-                        _read_parallel(topo, src, meta, win.bytes(), readers, chatty, _PREFAULT)
-                        continue
-                    # one rank writes (rank 0) or receives (a leader); the readers
-                    # allocate the pages meanwhile, in parallel
-                    if _PREFAULT and topo.node.Get_rank() < readers:
-                        shares = _split(meta.nbytes, readers, mmap.PAGESIZE)
-                        if topo.node.Get_rank() < len(shares):
-                            _prefault(win.bytes(), *shares[topo.node.Get_rank()])
-                    if topo.rank == 0:
-                        src.fill(meta, win.bytes())
-            own_read = time.perf_counter() - t
-        timings["read"] = time.perf_counter() - t
-        wait = timings["read"] - own_read
-
-        t = time.perf_counter()
-        with _sync.Collective(world):
-            for src, win in zip(sources, windows, strict=True):
-                if not src.parallel:
-                    _broadcast_between_nodes(topo, win)
-                win.sync()  # publish this rank's writes before the others read
-            own_bcast = time.perf_counter() - t
-        timings["broadcast"] = time.perf_counter() - t
-        wait += timings["broadcast"] - own_bcast
-        cpu = time.process_time() - cpu
-        for win in windows:
-            win.sync()  # and see theirs
-    except BaseException as exc:
-        # the traceback's frames hold views of the windows; drop them so free() can unmap
-        seen: BaseException | None = exc
-        while seen is not None:  # the chained errors' frames too
-            traceback.clear_frames(seen.__traceback__)
-            seen = seen.__cause__ or seen.__context__
-        placement.free()
-        raise
-
-    for src, meta, win in zip(sources, metas, windows, strict=False):
-        view = win.bytes()[: meta.nbytes].view(meta.dtype).reshape(meta.shape, order=meta.order)  # type: ignore[call-overload]
-        _register(src.name, generation, view)
-        handle = Handle(src.name, meta.shape, meta.dtype, meta.order, generation)
-        placed[src.name] = PlacedInput(src, meta, win, handle)
-    timings["total"] = time.perf_counter() - t0
-    did_work = topo.node.Get_rank() < readers or topo.rank == 0 or (topo.is_leader and topo.n_nodes > 1)
-    mine = {"rank": topo.rank, "read": own_read, "wait": wait, "cpu": cpu, "worked": did_work}
-    placement.ranks = world.allgather(mine)
-    if chatty and metas:
-        rate = total / max(timings["read"], 1e-9)
-        verb = "read" if all(s.parallel for s in sources) else "read/written"
-        parts = [
-            f"allocate {format_time(timings['allocate'])}",
-            f"{verb} {format_time(timings['read'])} at {format_bytes(int(rate))}/s",
-        ]
-        if topo.n_nodes > 1 and not all(s.parallel for s in sources):
-            parts.append(f"between nodes {format_time(timings['broadcast'])}")
-        log(
-            f"placed {len(metas)} input(s), {format_bytes(total)} per node on {topo.n_nodes} node(s), "
-            f"in {format_time(timings['total'])} ({', '.join(parts)})"
+    if chatty and total >= _PIECE:
+        logger.info(
+            f"placing {len(metas)} input(s), {format_bytes(total)} per node, on {topo.n_nodes} node(s)"
         )
+    try:
+        clock.restart_cpu()
+        _fill(topo, sources, metas, windows, config, clock)
+        clock.step("read")
+        _publish(topo, sources, windows, clock)
+        clock.step("broadcast")
+    except BaseException as exc:
+        _drop_frames(exc)
+        _free_all(windows)
+        raise
+    placement = Placement(
+        _register(sources, metas, windows, generation), _stats(topo, metas, clock, config, gather_stats)
+    )
+    if chatty and metas:
+        _log_summary(placement.stats, sources)
     return placement

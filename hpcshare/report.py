@@ -3,25 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
-import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
+import psutil
 from dask.utils import format_bytes
 
-__all__ = ["NodeMemory", "RankMemory", "format_report", "measure_rank", "summarize"]
+from . import sync
 
+if TYPE_CHECKING:
+    from .config import JobConfig
+    from .topology import Topology
 
-def _smaps_rollup(pid: int | str = "self") -> dict[str, int]:
-    out: dict[str, int] = {}
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) == 3 and parts[2] == "kB":
-                    out[parts[0].rstrip(":")] = int(parts[1]) * 1024
-    except OSError:
-        pass
-    return out
+__all__ = ["NodeMemory", "RankMemory", "format_report", "measure_rank", "print_report", "summarize"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,12 +28,13 @@ class RankMemory:
     role: str
     pss: int
     rss: int
+    objects: int = 0  #: bytes of objects put while the job runs that this node still holds (leaders)
 
 
-def measure_rank(rank: int, host: str, node: int, role: str) -> RankMemory:
+def measure_rank(rank: int, host: str, node: int, role: str, objects: int = 0) -> RankMemory:
     """Measure this process (local)."""
-    m = _smaps_rollup()
-    return RankMemory(rank, host, node, role, m.get("Pss", 0), m.get("Rss", 0))
+    m = psutil.Process().memory_full_info()
+    return RankMemory(rank, host, node, role, int(m.pss), int(m.rss), objects)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,11 +48,13 @@ class NodeMemory:
     input_bytes: int
     pss: int  # measured: sum of PSS over the node's ranks
     rss: int  # sum of RSS: counts every shared page once per rank that touched it
+    object_bytes: int = 0  # objects put while the job ran, still held at its end
 
     @property
     def per_worker_copies(self) -> int:
-        """What the node would hold if every worker had its own copy of the inputs."""
-        return self.pss - self.input_bytes + max(self.workers, 1) * self.input_bytes
+        """What the node would hold if every worker had its own copy of the inputs and objects."""
+        shared = self.input_bytes + self.object_bytes
+        return self.pss - shared + max(self.workers, 1) * shared
 
 
 def summarize(ranks: Sequence[RankMemory], input_bytes: int) -> list[NodeMemory]:
@@ -74,6 +71,7 @@ def summarize(ranks: Sequence[RankMemory], input_bytes: int) -> list[NodeMemory]
             input_bytes=input_bytes,
             pss=sum(r.pss for r in rs),
             rss=sum(r.rss for r in rs),
+            object_bytes=sum(r.objects for r in rs),
         )
         for n, rs in sorted(nodes.items())
     ]
@@ -86,56 +84,37 @@ def format_report(nodes: Sequence[NodeMemory], n_inputs: int) -> str:
         "hpcshare memory report "
         f"({n_inputs} input(s), {fb(nodes[0].input_bytes if nodes else 0)} per node, held once per node)",
         f"{'node':>4}  {'host':<16} {'ranks':>5} {'workers':>7} {'inputs':>10} "
-        f"{'measured':>10} {'sum RSS':>10} {'copy/worker':>11} {'saved':>10}",
+        f"{'measured':>10} {'sum RSS':>10} {'copy/worker':>11} {'saved':>10} {'put objects':>11}",
     ]
     for n in nodes:
         lines.append(
             f"{n.node:>4}  {n.host[:16]:<16} {n.ranks:>5} {n.workers:>7} {fb(n.input_bytes):>10} "
             f"{fb(n.pss):>10} {fb(n.rss):>10} {fb(n.per_worker_copies):>11} "
-            f"{fb(n.per_worker_copies - n.pss):>10}"
+            f"{fb(n.per_worker_copies - n.pss):>10} {fb(n.object_bytes):>11}"
         )
     lines.append(
         "measured = sum of PSS over the node's ranks (shared pages split between the ranks "
         "that map them); sum RSS counts them once per rank; copy/worker = measured with one "
-        "private copy of the inputs per worker instead of one per node."
+        "private copy of the inputs (and put objects) per worker instead of one per node; "
+        "put objects = hpcshare.put objects not freed by the end of the job."
     )
     return "\n".join(lines)
 
 
-def node_memory_total() -> int:
-    """Physical memory of this machine in bytes (local)."""
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+def print_report(
+    topo: Topology, input_bytes: int, n_inputs: int, config: JobConfig, object_bytes: int = 0
+) -> None:
+    """Measure every rank; print the memory report on world rank 0 unless quiet (collective on world).
 
+    ``object_bytes``: this rank's count of put objects its node holds (one rank per node).
 
-def job_memory_total(environ: Mapping[str, str] | None = None) -> int:
-    """Memory the job may use on this machine, in bytes (local).
-
-    Physical memory, capped by Slurm's ``--mem`` (``SLURM_MEM_PER_NODE``, in
-    MiB) and by the memory limit of this process's cgroup (v2), whichever is
-    lowest: on a shared node the job gets its allocation, not the machine.
+    Raises
+    ------
+    hpcshare.sync.WaitTimeout
+        When a rank does not arrive within ``config.timeout``.
     """
-    env = os.environ if environ is None else environ
-    limits = [node_memory_total()]
-    slurm = env.get("SLURM_MEM_PER_NODE", "")
-    if slurm.isdigit() and int(slurm) > 0:
-        limits.append(int(slurm) * 2**20)
-    try:
-        with open("/proc/self/cgroup") as f:
-            entries = [line.rstrip("\n").split(":", 2) for line in f]
-    except OSError:
-        entries = []
-    for _, controllers, rel in (e for e in entries if len(e) == 3):
-        if controllers == "":  # cgroup v2
-            path = os.path.join("/sys/fs/cgroup", rel.lstrip("/"), "memory.max")
-        elif "memory" in controllers.split(","):  # cgroup v1
-            path = os.path.join("/sys/fs/cgroup/memory", rel.lstrip("/"), "memory.limit_in_bytes")
-        else:
-            continue
-        try:
-            with open(path) as f:
-                value = f.read().strip()
-        except OSError:
-            continue
-        if value.isdigit():
-            limits.append(int(value))
-    return min(limits)
+    mine = measure_rank(topo.rank, topo.hostname, topo.node_index, topo.role, object_bytes)
+    sync.barrier(topo.world, timeout=config.timeout, what="all ranks at the end of the job")
+    ranks = topo.world.gather(mine, root=0)
+    if topo.rank == 0 and not config.quiet and ranks:
+        print(format_report(summarize(ranks, input_bytes), n_inputs), flush=True)

@@ -13,14 +13,25 @@ from .errors import ConfigError, TopologyError
 if TYPE_CHECKING:
     from mpi4py import MPI
 
-__all__ = ["MIN_RANKS", "Topology", "check_launch", "check_world", "launcher_size", "role_of"]
+__all__ = [
+    "CLIENT_RANK",
+    "MIN_RANKS",
+    "SCHEDULER_RANK",
+    "Topology",
+    "check_launch",
+    "check_world",
+    "launcher_rank",
+    "launcher_size",
+    "role_of",
+]
 
 SCHEDULER_RANK = 0
 CLIENT_RANK = 1
 MIN_RANKS = 3
 
-# Variables a launcher sets to the number of ranks it started.
-_LAUNCHER_VARS = (
+# What launchers set before MPI starts: each rank's number, and how many they started.
+_RANK_VARS = ("PMI_RANK", "PMIX_RANK", "OMPI_COMM_WORLD_RANK")  # MPICH/Intel MPI, PMIx, Open MPI
+_SIZE_VARS = (
     "PMI_SIZE",  # MPICH / Intel MPI (hydra, PMI-1/2)
     "PMIX_SIZE",
     "OMPI_COMM_WORLD_SIZE",  # Open MPI
@@ -28,12 +39,24 @@ _LAUNCHER_VARS = (
     "SLURM_NTASKS",  # srun, sbatch
     "SLURM_NPROCS",
 )
+# set when srun (or a launcher) wired up a process-management interface for MPI
+_PMI_VARS = ("SLURM_MPI_TYPE", "PMI_FD", *_RANK_VARS)
 
 
-def launcher_size(environ: dict[str, str] | None = None) -> tuple[int, str] | None:
+def launcher_rank(environ: Mapping[str, str] | None = None) -> int:
+    """This process's rank as the launcher set it, before MPI starts; 0 if none did (local)."""
+    env = os.environ if environ is None else environ
+    for var in (*_RANK_VARS, "SLURM_PROCID"):
+        value = env.get(var, "")
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
+def launcher_size(environ: Mapping[str, str] | None = None) -> tuple[int, str] | None:
     """The number of ranks the environment says were started, and the variable (local)."""
     env = os.environ if environ is None else environ
-    for var in _LAUNCHER_VARS:
+    for var in _SIZE_VARS:
         value = env.get(var, "")
         if value.isdigit() and int(value) > 0:
             return int(value), var
@@ -51,7 +74,8 @@ def role_of(rank: int) -> str:
 
 @dataclasses.dataclass
 class Topology:
-    """Communicators of one job. Build with :meth:`create`, end with :meth:`free`.
+    """Communicators of one job. Build with :meth:`create`, end with :meth:`free`
+    (or use it as a context manager: leaving the block frees it).
 
     Attributes
     ----------
@@ -129,20 +153,11 @@ class Topology:
                 comm.Free()
                 setattr(self, name, MPI.COMM_NULL)
 
-    def layout(self) -> list[dict[str, object]]:
-        """Every rank's host, node, node rank and role, gathered on all ranks (collective)."""
-        mine = {
-            "rank": self.rank,
-            "host": self.hostname,
-            "node": self.node_index,
-            "node_rank": int(self.node.Get_rank()),
-            "role": self.role,
-            "pid": os.getpid(),
-        }
-        return list(self.world.allgather(mine))
+    def __enter__(self) -> Topology:
+        return self
 
-
-_PMI_VARS = ("SLURM_MPI_TYPE", "PMI_RANK", "PMI_FD", "PMIX_RANK", "OMPI_COMM_WORLD_RANK")
+    def __exit__(self, *exc: object) -> None:
+        self.free()
 
 
 def check_launch(environ: Mapping[str, str] | None = None) -> None:
@@ -168,7 +183,7 @@ def check_launch(environ: Mapping[str, str] | None = None) -> None:
         )
 
 
-def check_world(world: MPI.Intracomm, environ: dict[str, str] | None = None) -> None:
+def check_world(world: MPI.Intracomm, environ: Mapping[str, str] | None = None) -> None:
     """Refuse worlds that cannot host a job (local; every rank decides the same).
 
     Raises

@@ -2,55 +2,41 @@
 
 from __future__ import annotations
 
-import os
+import ctypes
+import functools
+import mmap
 import sys
 import warnings
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import CapacityError, HpcshareError
+from .errors import HpcshareError
+from .sync import barrier
 
 if TYPE_CHECKING:
     from mpi4py import MPI
 
-__all__ = ["NodeWindow", "check_capacity", "shm_free"]
+__all__ = ["NodeWindow", "kept_mapped"]
 
-# Views kept alive past free() keep their window here until the process ends.
+# Windows whose memory was still viewed at free(): kept until the process ends.
 _deferred: list[NodeWindow] = []
 
-
-def shm_free(path: str) -> tuple[int, int]:
-    """Free and total bytes of the file system at ``path`` (local)."""
-    st = os.statvfs(path)
-    return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+_MADV_HUGEPAGE = 14
+_MADV_POPULATE_WRITE = 23  # Linux 5.14+
 
 
-def check_capacity(path: str, need: int, headroom: int, what: str) -> None:
-    """Raise :class:`CapacityError` unless ``path`` has ``need + headroom`` bytes free (local).
+def kept_mapped() -> int:
+    """How many windows this process keeps mapped because views outlived their job (local)."""
+    return len(_deferred)
 
-    A window larger than the free space of the shared-memory file system maps
-    fine and then dies with SIGBUS on first touch, so this runs before any
-    allocation.
-    """
-    from dask.utils import format_bytes
 
+@functools.cache
+def _libc() -> Any:
     try:
-        free, total = shm_free(path)
-    except OSError as exc:
-        raise CapacityError(
-            f"cannot check shared memory at {path!r} ({exc}); set hpcshare.shm-dir "
-            "(DASK_HPCSHARE__SHM_DIR) to where your MPI keeps shared windows"
-        ) from exc
-    if need + headroom > free:
-        raise CapacityError(
-            f"{what} need {format_bytes(need)} of shared memory on this host, but "
-            f"{path} has {format_bytes(free)} free of {format_bytes(total)} "
-            f"(plus {format_bytes(headroom)} kept free). Run on nodes with more "
-            "memory, use fewer or smaller inputs, or grow the file system: in a "
-            "container `docker run --shm-size=...`, in Apptainer bind a larger "
-            "tmpfs, or `mount -o remount,size=... /dev/shm` as root."
-        )
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:  # pragma: no cover - not Linux
+        return None
 
 
 class NodeWindow:
@@ -58,7 +44,8 @@ class NodeWindow:
 
     The node leader's segment holds the data; every rank of the node maps it.
     Build with :meth:`allocate` (collective on the node communicator), end with
-    :meth:`free` (collective, idempotent).
+    :meth:`free` (collective, idempotent), or use it as a context manager:
+    leaving the block frees it.
     """
 
     def __init__(self, win: MPI.Win, comm: MPI.Comm, nbytes: int, name: str) -> None:
@@ -67,7 +54,6 @@ class NodeWindow:
         self.nbytes = nbytes
         self.name = name
         buf, _ = win.Shared_query(0)
-        self._buffer: object | None = buf
         self._base: np.ndarray | None = np.frombuffer(buf, dtype=np.uint8, count=nbytes)  # type: ignore[call-overload]
 
     @classmethod
@@ -87,6 +73,12 @@ class NodeWindow:
         win.Lock_all(MPI.MODE_NOCHECK)
         return cls(win, comm, nbytes, name)
 
+    def __enter__(self) -> NodeWindow:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.free()
+
     def sync(self) -> None:
         """Make this rank's stores visible and the others' visible here (local).
 
@@ -95,15 +87,43 @@ class NodeWindow:
         if self._base is not None:
             self._win.Sync()
 
-    @property
-    def freed(self) -> bool:
-        return self._base is None
-
     def bytes(self) -> np.ndarray:
         """The window as a writable uint8 array (local). Raises after :meth:`free`."""
         if self._base is None:
             raise HpcshareError(f"the shared window of input {self.name!r} has been freed")
         return self._base
+
+    def array(self, shape: tuple[int, ...], dtype: np.dtype, order: str) -> np.ndarray:
+        """The window's bytes as an array of ``shape``, ``dtype`` and memory ``order`` (local)."""
+        flat = self.bytes()[: int(np.prod(shape, dtype=np.int64)) * dtype.itemsize]
+        return flat.view(dtype).reshape(shape, order=order)  # type: ignore[call-overload]
+
+    def prefault(self, start: int, stop: int) -> None:
+        """Have the kernel allocate the pages of bytes ``start:stop`` in one call (local; best effort).
+
+        First-touch faults on shared memory cost about 1 s per GiB on one core;
+        the kernel populates the same pages faster, and when each reader does
+        its own share, the node's cores split the work. Huge pages are asked
+        for too; they take effect only where the administrator allows them for
+        shared memory (/sys/kernel/mm/transparent_hugepage/shmem_enabled).
+        """
+        libc = _libc()
+        if stop <= start or libc is None:
+            return
+        page = mmap.PAGESIZE
+        addr = self.bytes().ctypes.data + start
+        lo = addr - addr % page
+        length = ctypes.c_size_t(addr + (stop - start) - lo)
+        libc.madvise(ctypes.c_void_p(lo), length, _MADV_HUGEPAGE)
+        libc.madvise(ctypes.c_void_p(lo), length, _MADV_POPULATE_WRITE)
+
+    def prefault_share(self, index: int, of: int) -> None:
+        """:meth:`prefault` share ``index`` of ``of`` page-aligned shares of the window (local)."""
+        from .loaders import split_range
+
+        shares = split_range(self.nbytes, of, mmap.PAGESIZE)
+        if index < len(shares):
+            self.prefault(*shares[index])
 
     def views_alive(self) -> int:
         """How many arrays other than our own still use the window's memory (local)."""
@@ -123,24 +143,19 @@ class NodeWindow:
 
         if self._base is None:
             return
-        from ._sync import barrier
-
         barrier(self._comm)  # wait idle; the allreduce after it is then quick
         alive = self._comm.allreduce(self.views_alive(), op=MPI.MAX)
-        if alive:
-            if self._comm.Get_rank() == 0:
-                warnings.warn(
-                    f"{alive} array(s) still view shared input {self.name!r} at the end "
-                    "of the job; its memory stays mapped until the process exits. "
-                    "Return copies (np.array(view)) or derived results from tasks and main.",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-            _deferred.append(self)
-            self._base = None
-            self._win.Unlock_all()
-            return
         self._base = None
-        self._buffer = None
         self._win.Unlock_all()
-        self._win.Free()
+        if not alive:
+            self._win.Free()
+            return
+        if self._comm.Get_rank() == 0:
+            warnings.warn(
+                f"{alive} array(s) still view shared input {self.name!r} at the end "
+                "of the job; its memory stays mapped until the process exits. "
+                "Return copies (np.array(view)) or derived results from tasks and main.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        _deferred.append(self)

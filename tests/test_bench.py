@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import run_cmd
+from helpers import run_cmd
 
 from hpcshare.bench import make_inputs, memory_needed, run_one
 
@@ -77,8 +77,8 @@ def test_every_contender_runs_the_same_workload_and_agrees(tmp_path):
 
 def test_a_contender_that_would_not_fit_is_skipped_with_its_figure(tmp_path):
     row = run_one("scatter", tmp_path / "x.npy", tmp_path / "x.h5", 2**40, 6, 4, tmp_path, 60)
-    assert row["status"] == "skipped"
-    assert row["note"].startswith(f"needs about {memory_needed('scatter', 2**40, 6) / 2**40:.2f} TiB")
+    assert row.status == "skipped"
+    assert row.note.startswith(f"needs about {memory_needed('scatter', 2**40, 6) / 2**40:.2f} TiB")
 
 
 @pytest.mark.parametrize("args", [["--sizes", "lots"], ["--workers", "0"], ["--contenders", "dask,spark"]])

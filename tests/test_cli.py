@@ -13,7 +13,7 @@ import textwrap
 import h5py
 import numpy as np
 import pytest
-from conftest import assert_clean_success, hpcshare, report_rows, run_cmd
+from helpers import assert_clean_success, hpcshare, report_rows, run_cmd
 
 pytestmark = pytest.mark.usefixtures("clean_shm")
 
@@ -207,11 +207,13 @@ def test_usage_errors_are_printed_once_not_once_per_rank():
 
 
 def test_ctrl_c_stops_the_job_at_once_and_cleans_up(clean_shm):
+    import os
+    import queue
     import signal
     import subprocess
-    import time
+    import threading
 
-    from conftest import mpiexec
+    from helpers import mpiexec
 
     proc = subprocess.Popen(
         [mpiexec(), "-n", "4", sys.executable, "-m", "hpcshare", "job", "--demo-size", "2GiB"],
@@ -220,16 +222,32 @@ def test_ctrl_c_stops_the_job_at_once_and_cleans_up(clean_shm):
         text=True,
         start_new_session=True,
     )
-    try:
-        time.sleep(4)
-        proc.send_signal(signal.SIGINT)  # what Ctrl-C in the terminal sends mpiexec
-        _, err = proc.communicate(timeout=30)
-    except subprocess.TimeoutExpired:
-        import os
+    lines: queue.Queue[str | None] = queue.Queue()
+    err: list[str] = []
 
+    def read(stream, into):
+        for line in stream:
+            into(line)
+        lines.put(None)
+
+    threading.Thread(target=read, args=(proc.stdout, lines.put), daemon=True).start()
+    stderr_reader = threading.Thread(target=read, args=(proc.stderr, err.append), daemon=True)
+    stderr_reader.start()
+    try:
+        # the tasks are running (placement done, Dask up): the job is in its long part
+        while (line := lines.get(timeout=120)) is not None and "demo: 16 tasks on" not in line:
+            pass
+        assert line is not None, f"the job ended before its tasks ran: {''.join(err)}"
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C in the terminal sends mpiexec
+        proc.wait(timeout=30)
+        stderr_reader.join(timeout=10)
+    except (subprocess.TimeoutExpired, queue.Empty):
         os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail("the job did not stop within 30 s of Ctrl-C")
+        proc.wait()
+        pytest.fail(
+            f"the job did not start its tasks within 120 s, or did not stop within 30 s of Ctrl-C: {''.join(err)}"
+        )
+    err_text = "".join(err)
     assert proc.returncode != 0
-    assert "interrupted; stopping the job" in err, err
-    assert "Traceback" not in err, err
+    assert "interrupted; stopping the job" in err_text, err_text
+    assert "Traceback" not in err_text, err_text

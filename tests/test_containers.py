@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, skip_unless_available
+from helpers import ROOT, skip_unless_available
 
 CONTAINERS = ROOT / "containers"
 DEF = CONTAINERS / "hpcshare.def"
@@ -263,7 +263,7 @@ def test_the_hosts_launcher_starts_ranks_inside_the_image(image):
     Each ch-run is its own user namespace, where MPICH's cross-process copy
     (CMA, process_vm_readv) is refused: the documented switch turns it off.
     """
-    from conftest import mpiexec
+    from helpers import mpiexec
 
     cmd = [mpiexec(), "-n", "4", "-genv", "MPIR_CVAR_CH4_CMA_ENABLE", "0",
            *ch_run("hpcshare", "job", "--demo-size", "64MiB")]  # fmt: skip

@@ -16,7 +16,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import ROOT, report_rows, run_cmd, skip_unless_available
+from helpers import ROOT, report_rows, run_cmd, skip_unless_available
 from slurm_cluster import SlurmCluster, missing
 
 JOBSCRIPTS = ROOT / "jobscripts"

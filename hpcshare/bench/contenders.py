@@ -1,6 +1,6 @@
 """One contender of ``hpcshare bench``, run as its own program and measured from outside.
 
-``python -m hpcshare._bench_job CONTENDER --npy PATH --h5 PATH --tasks T --workers W --out JSON``
+``python -m hpcshare.bench.contenders CONTENDER --npy PATH --h5 PATH --tasks T --workers W --out JSON``
 
 MPI contenders (hpcshare, hpcshare-h5, scatter, submit) run under
 ``mpiexec -n W+2``; the others (fork, ray, the baselines) run as one process
@@ -19,9 +19,12 @@ import os
 import sys
 import tempfile
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from ..placement import PlacementStats
 
 RESOLVES_PER_TASK = 200
 
@@ -88,35 +91,39 @@ def _task_figures(values: list[float], seconds: list[float], phase: float, worke
 # --- contenders under mpiexec -------------------------------------------------
 
 
+def _placement_figures(stats: PlacementStats) -> dict[str, Any]:
+    """What the driver reports of placement, from every rank's figures."""
+    ranks = stats.ranks
+    waiting = [r for r in ranks if not r.worked]
+    return {
+        "ready": stats.total - stats.describe,
+        "placement": {
+            "allocate": stats.allocate,
+            "read": max(r.read for r in ranks),
+            "wait": max(r.wait for r in ranks),
+            "total": stats.total,
+        },
+        # CPU use of the ranks that only waited, as a fraction of the time they waited
+        "waiting_cpu_fraction": max((r.cpu / max(r.read + r.wait, 1e-9) for r in waiting), default=0.0),
+    }
+
+
 def run_hpcshare(args: argparse.Namespace, source: str) -> None:
     import hpcshare
-    from hpcshare.runtime import current_placement
+
+    placed: list[PlacementStats] = []  # filled on every rank before Dask starts
 
     def main(client: Any, inputs: Any) -> None:
         h = inputs["x"]
-        placement = current_placement()
-        assert placement is not None
         t = time.perf_counter()
         results = client.gather(client.map(hpcshare_task, [h] * args.tasks, range(args.tasks), pure=False))
         phase = time.perf_counter() - t
         probes = client.gather(client.map(probe_task, [h] * (4 * args.workers), pure=False))
         moved = sum(client.run(lambda dask_worker: dask_worker.transfer_outgoing_bytes_total).values())
         resolves = np.concatenate([r[2] for r in results]) / 1e3  # us
-        ranks = placement.ranks
-        waiting = [r for r in ranks if not r["worked"]]
-        timings = placement.timings
         figures = _task_figures([r[0] for r in results], [r[1] for r in results], phase, args.workers)
         figures.update(
-            ready=timings["total"] - timings["describe"],
-            placement={
-                "allocate": timings["allocate"],
-                "read": max(r["read"] for r in ranks),
-                "wait": max(r["wait"] for r in ranks),
-                "total": timings["total"],
-            },
-            waiting_cpu_fraction=max(
-                (r["cpu"] / max(r["read"] + r["wait"], 1e-9) for r in waiting), default=0.0
-            ),
+            _placement_figures(placed[0]),
             resolve_us_median=float(np.median(resolves)),
             resolve_us_p99=float(np.percentile(resolves, 99)),
             probe_task_median=float(np.median([p[1] for p in probes])),
@@ -125,7 +132,7 @@ def run_hpcshare(args: argparse.Namespace, source: str) -> None:
         )
         _write(args.out, figures)
 
-    hpcshare.run(main, {"x": source}, quiet=True)
+    hpcshare.run(main, {"x": source}, quiet=True, on_placed=placed.append)
 
 
 def _dask_mpi_cluster(args: argparse.Namespace, client_code: Any) -> None:
@@ -274,7 +281,7 @@ CONTENDERS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m hpcshare._bench_job")
+    p = argparse.ArgumentParser(prog="python -m hpcshare.bench.contenders")
     p.add_argument("contender", choices=sorted(CONTENDERS))
     p.add_argument("--npy", required=True)
     p.add_argument("--h5", required=True)

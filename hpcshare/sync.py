@@ -17,6 +17,8 @@ from .errors import HpcshareError
 if TYPE_CHECKING:
     from mpi4py import MPI
 
+__all__ = ["Collective", "WaitTimeout", "agree", "agreed", "barrier", "bcast", "origin_of", "wait"]
+
 _MIN_SLEEP = 20e-6
 _MAX_SLEEP = 5e-3
 
@@ -84,7 +86,7 @@ def agree(comm: MPI.Comm, error: BaseException | None) -> None:
         raise error
     copy = pickle.loads(reports[origin])
     try:
-        copy._hpcshare_origin = origin  # type: ignore[attr-defined]
+        copy._hpcshare_origin = origin
     except AttributeError:
         copy = HpcshareError(str(copy))
         copy._hpcshare_origin = origin  # type: ignore[attr-defined]

@@ -1,0 +1,29 @@
+"""``hpcshare bench``: hpcshare against Dask, fork and Ray on the same workload.
+
+- :mod:`.driver`: the inputs, one contender run at a time, the result;
+- :mod:`.contenders`: each contender as its own program
+  (``python -m hpcshare.bench.contenders``);
+- :mod:`.sampling`: node memory of a run's process tree, measured from outside;
+- :mod:`.rows`: :class:`BenchRow`, one run's figures;
+- :mod:`.targets`: the project's targets, judged from the rows;
+- :mod:`.output`: bench.json, the table and the plot.
+"""
+
+from __future__ import annotations
+
+from .driver import BenchConfig, config_from_args, make_inputs, memory_needed, run_bench, run_one
+from .output import BenchResult
+from .rows import BenchRow
+from .targets import Target
+
+__all__ = [
+    "BenchConfig",
+    "BenchResult",
+    "BenchRow",
+    "Target",
+    "config_from_args",
+    "make_inputs",
+    "memory_needed",
+    "run_bench",
+    "run_one",
+]

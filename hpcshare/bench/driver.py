@@ -1,0 +1,256 @@
+"""``hpcshare bench``'s driver: inputs, one contender run at a time, the result.
+
+Each contender runs as its own program (``python -m
+hpcshare.bench.contenders``, under mpiexec for the MPI ones), one after
+another, so a run's memory is its own. The driver samples the node memory
+of the run's process tree from outside (:mod:`.sampling`), reads the
+figures the contender wrote, and hands the rows to :mod:`.targets` and
+:mod:`.output`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import FrameType
+from typing import TypeVar
+
+import numpy as np
+from dask.utils import format_bytes, parse_bytes
+
+from .. import shm
+from ..errors import ConfigError
+from .output import BASELINES, BenchResult, format_table, line, write_plot, write_results
+from .rows import BenchRow
+from .sampling import PeakMemory, available_memory, kill_group
+from .targets import checksums_agree, targets
+
+__all__ = ["BenchConfig", "config_from_args", "make_inputs", "memory_needed", "run_bench", "run_one"]
+
+MPI_CONTENDERS = ("hpcshare", "hpcshare-h5", "hpcshare-empty", "scatter", "submit")
+ALL_CONTENDERS = ("hpcshare", "hpcshare-h5", "scatter", "submit", "fork", "ray")
+PROCESS_BYTES = 160 * 2**20  # what one Dask or MPI process costs before any data
+EMPTY_BYTES = 2**20  # the input of the hpcshare-empty run
+T = TypeVar("T")
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    """What ``hpcshare bench`` was asked to run."""
+
+    sizes: tuple[int, ...]
+    workers: tuple[int, ...]
+    tasks: int
+    contenders: tuple[str, ...]
+    out: Path
+    scratch: Path | None = None
+    timeout: float = 1800.0  #: seconds one contender run may take
+
+
+def parse_list(text: str, convert: Callable[[str], T]) -> tuple[T, ...]:
+    return tuple(convert(t.strip()) for t in text.split(",") if t.strip())
+
+
+def config_from_args(
+    sizes: str, workers: str, tasks: int, contenders: str, out: str, scratch: str | None
+) -> BenchConfig:
+    """Validate ``hpcshare bench`` arguments (local)."""
+    try:
+        size_list = parse_list(sizes, lambda t: int(parse_bytes(t)))
+    except ValueError as exc:
+        raise ConfigError(f"--sizes takes sizes like 256MiB,1GiB: {exc}") from None
+    try:
+        worker_list = parse_list(workers, int)
+    except ValueError:
+        raise ConfigError(f"--workers takes whole numbers like 1,2,4, got {workers!r}") from None
+    names = parse_list(contenders, str)
+    unknown = sorted(set(names) - set(ALL_CONTENDERS))
+    if unknown:
+        raise ConfigError(
+            f"unknown contender(s) {', '.join(unknown)}; choose from {', '.join(ALL_CONTENDERS)}"
+        )
+    if not size_list or min(size_list) < 8 or not worker_list or min(worker_list) < 1 or tasks < 1:
+        raise ConfigError("--sizes, --workers and --tasks must be positive")
+    return BenchConfig(size_list, worker_list, tasks, names, Path(out), Path(scratch) if scratch else None)
+
+
+def make_inputs(folder: Path, nbytes: int) -> tuple[Path, Path]:
+    """Write the benchmark input as .npy and as an HDF5 dataset ``/x`` (local)."""
+    import h5py
+
+    n = max(nbytes // 8, 1)
+    npy, h5 = folder / f"input-{nbytes}.npy", folder / f"input-{nbytes}.h5"
+    rng = np.random.default_rng(42)
+    block = 1 << 24
+    out = np.lib.format.open_memmap(npy, mode="w+", dtype=np.float64, shape=(n,))
+    with h5py.File(h5, "w") as f:
+        ds = f.create_dataset("x", shape=(n,), dtype=np.float64, chunks=(min(n, 1 << 20),))
+        for a in range(0, n, block):
+            piece = rng.random(min(block, n - a))
+            out[a : a + piece.size] = piece
+            ds[a : a + piece.size] = piece
+    out.flush()
+    del out
+    return npy, h5
+
+
+def memory_needed(contender: str, nbytes: int, workers: int) -> int:
+    """A conservative estimate of the node memory a contender needs (local)."""
+    procs = (workers + 2) * PROCESS_BYTES
+    return {
+        "hpcshare": nbytes + procs,
+        "hpcshare-h5": nbytes + procs,
+        "hpcshare-empty": procs,
+        # measured here at W = 1: 3 S (the client's copy and two serialization buffers,
+        # the seed pattern's creating worker likewise), then S per further worker
+        "scatter": nbytes * (workers + 3) + procs,
+        "submit": nbytes * (workers + 3) + procs,
+        "fork": nbytes + workers * PROCESS_BYTES,
+        "ray": 2 * nbytes + procs + 512 * 2**20,
+        "shm-copy": 2 * nbytes,
+        "h5-read-direct": nbytes,
+    }[contender]
+
+
+def _command(contender: str, workers: int) -> list[str]:
+    job = [sys.executable, "-m", "hpcshare.bench.contenders", contender]
+    if contender in MPI_CONTENDERS:
+        mpiexec = shutil.which(
+            "mpiexec", path=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]
+        )
+        if mpiexec is None:
+            raise FileNotFoundError("mpiexec not found: install the mpich extra or load your site MPI")
+        return [mpiexec, "-n", str(workers + 2), *job]
+    return job
+
+
+def _why_not(contender: str, nbytes: int, workers: int) -> str | None:
+    """Why this run would not be started, or None."""
+    need, have = memory_needed(contender, nbytes, workers), available_memory()
+    if need > 0.8 * have:  # never near the OOM killer
+        return f"needs about {format_bytes(need)}, {format_bytes(have)} available"
+    if contender == "ray":
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            return "Ray is not installed (pip install 'hpcshare[bench]')"
+    return None
+
+
+def run_one(
+    contender: str, npy: Path, h5: Path, nbytes: int, workers: int, tasks: int, scratch: Path, timeout: float
+) -> BenchRow:
+    """Run one contender, measured from outside (local)."""
+    row = BenchRow(contender, nbytes, workers, tasks)
+    reason = _why_not(contender, nbytes, workers)
+    if reason:
+        return row.ended("skipped", reason)
+    out = scratch / f"{contender}-{nbytes}-{workers}.json"
+    cmd = [*_command(contender, workers), "--npy", str(npy), "--h5", str(h5)]
+    cmd += ["--tasks", str(tasks), "--workers", str(workers), "--out", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    shm_before = shm.names()
+    t = time.perf_counter()
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
+    )
+    try:
+        with PeakMemory(proc.pid) as memory:
+            output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        return row.ended("failed", f"timed out after {timeout:g} s")
+    except BaseException:  # interrupted: take the contender down with us
+        kill_group(proc)
+        raise
+    finally:
+        # a contender killed for time (or by the OOM killer) cannot remove its MPI files
+        shm.sweep_orphans(shm_before)
+    row = row.ended("ok", wall=time.perf_counter() - t, node_memory=memory.peak, processes=memory.processes)
+    if proc.returncode != 0 or not out.exists():
+        tail = "\n".join(output.strip().splitlines()[-15:])
+        return row.ended("failed", f"exit code {proc.returncode}:\n{tail}")
+    return row.with_figures(json.loads(out.read_text()))
+
+
+def _progress(message: str) -> None:
+    print(f"bench: {message}", file=sys.stderr, flush=True)
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _runs_at_size(
+    cfg: BenchConfig, scratch: Path, nbytes: int, empty: tuple[Path, Path]
+) -> Iterator[BenchRow]:
+    """Every run at one input size: the baselines, then each worker count's contenders."""
+    disk = shutil.disk_usage(scratch).free
+    if 2 * nbytes + 2**30 > disk:
+        note = f"needs {format_bytes(2 * nbytes)} of disk for the input files, {format_bytes(disk)} free"
+        _progress(f"S={format_bytes(nbytes)}: skipped, {note}")
+        for name in (*BASELINES, *cfg.contenders):
+            for workers in cfg.workers:
+                yield BenchRow(name, nbytes, workers, cfg.tasks).ended("skipped", note)
+        return
+    _progress(f"writing a {format_bytes(nbytes)} input (.npy and HDF5)")
+    npy, h5 = make_inputs(scratch, nbytes)
+    runs = [(base, npy, h5, nbytes, 1) for base in BASELINES]
+    for workers in cfg.workers:
+        if nbytes == cfg.sizes[0]:  # the cost of the processes alone, once per W
+            runs.append(("hpcshare-empty", *empty, EMPTY_BYTES, workers))
+        runs += [(contender, npy, h5, nbytes, workers) for contender in cfg.contenders]
+    try:
+        for contender, x_npy, x_h5, size, workers in runs:
+            row = run_one(contender, x_npy, x_h5, size, workers, cfg.tasks, scratch, cfg.timeout)
+            _progress(line(row))
+            yield row
+    finally:
+        npy.unlink()
+        h5.unlink()
+
+
+def _result(cfg: BenchConfig, rows: list[BenchRow], started: float, interrupted: bool = False) -> BenchResult:
+    config = {"sizes": cfg.sizes, "workers": cfg.workers, "tasks": cfg.tasks, "contenders": cfg.contenders}
+    return BenchResult(
+        config, time.perf_counter() - started, rows, checksums_agree(rows), targets(rows), interrupted
+    )
+
+
+def run_bench(cfg: BenchConfig) -> BenchResult:
+    """Run every contender at every size and worker count; write JSON, table and plot (local)."""
+    signal.signal(signal.SIGTERM, _terminate)  # clean up (the running contender, the inputs) on kill
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix="hpcshare-bench-", dir=cfg.scratch))
+    rows: list[BenchRow] = []
+    started = time.perf_counter()
+    try:
+        empty = make_inputs(scratch, EMPTY_BYTES)
+        for nbytes in cfg.sizes:
+            for row in _runs_at_size(cfg, scratch, nbytes, empty):
+                rows.append(row)  # one at a time: an interrupted run keeps the rows so far
+    except KeyboardInterrupt:
+        write_results(_result(cfg, rows, started, interrupted=True), cfg.out)
+        raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    result = _result(cfg, rows, started)
+    write_results(result, cfg.out)
+    print(format_table(rows))
+    for t in result.targets:
+        print(f"target {'met ' if t.met else 'MISSED'}  {t.what}: {t.figure}")
+    plot = write_plot(rows, cfg.out / "bench.png")
+    print(
+        f"written: {cfg.out / 'bench.json'}, {cfg.out / 'bench.txt'}"
+        + (f", {plot}" if plot else " (no plot: pip install matplotlib)")
+    )
+    return result

@@ -1,0 +1,64 @@
+"""One benchmark run's row: what ran, how it ended, and the figures measured."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["BenchRow", "need"]
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchRow:
+    """One contender at one input size and worker count.
+
+    The driver fills ``status`` to ``note``; the contender's program writes the
+    figures after that (each contender the ones that apply to it, the others
+    stay None and are left out of bench.json).
+    """
+
+    contender: str
+    size: int  #: input bytes
+    workers: int
+    tasks: int
+    status: str = "pending"  #: ok, failed or skipped
+    note: str = ""  #: why it failed or was skipped
+    # measured from outside by the driver
+    wall: float | None = None  #: seconds from start to exit, including start-up
+    node_memory: int | None = None  #: peak of the summed PSS of the run's processes, bytes
+    processes: int | None = None  #: processes at that peak
+    # written by the contender
+    ready: float | None = None  #: seconds until every worker could read the input
+    checksum: float | None = None  #: sum of the tasks' results; must agree across contenders
+    task_phase: float | None = None  #: seconds for all tasks
+    task_compute_median: float | None = None  #: median seconds one task computed
+    per_task_overhead: float | None = None  #: worker seconds per task not spent computing
+    moved_bytes: int | None = None  #: bytes Dask moved between processes
+    placement: dict[str, float] | None = None  #: hpcshare: allocate, read, wait, total seconds
+    waiting_cpu_fraction: float | None = None  #: hpcshare: CPU use of ranks that only waited
+    resolve_us_median: float | None = None  #: hpcshare: handle.resolve() microseconds
+    resolve_us_p99: float | None = None
+    probe_task_median: float | None = None  #: hpcshare: resolve + read 1 MiB, cached, seconds
+    probe_task_first_read_median: float | None = None  #: the same, first read, seconds
+
+    def ended(self, status: str, note: str = "", **measured: Any) -> BenchRow:
+        """This row with its outcome and the driver's figures."""
+        return dataclasses.replace(self, status=status, note=note, **measured)
+
+    def with_figures(self, figures: Mapping[str, Any]) -> BenchRow:
+        """This row with the figures a contender wrote (unknown names raise TypeError)."""
+        return dataclasses.replace(self, **figures)
+
+    def to_json(self) -> dict[str, Any]:
+        """The row as bench.json stores it: figures that were not measured are left out."""
+        return {
+            k: v for k, v in dataclasses.asdict(self).items() if v is not None and not (k == "note" and not v)
+        }
+
+
+def need(value: float | None, what: str = "figure") -> float:
+    """``value``, which an ``ok`` row of this contender always has (raises if it is missing)."""
+    if value is None:
+        raise ValueError(f"the benchmark row has no {what}")
+    return value

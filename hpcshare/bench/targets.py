@@ -1,0 +1,144 @@
+"""The project's benchmark targets, judged from a run's rows.
+
+The targets are stated for inputs of 1 GiB and more; the memory ones at
+W = 4 workers (docs/benchmarks.md says why each figure is what it is).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+from dask.utils import format_bytes
+
+from .rows import BenchRow, need
+
+__all__ = ["Target", "checksums_agree", "targets"]
+
+MIN_SIZE = 2**30  # targets are judged for inputs of at least this many bytes
+MEMORY_WORKERS = 4  # memory targets are judged at this worker count
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    what: str  #: the target, with the size and worker count it was judged at
+    met: bool
+    figure: str  #: the measured figures behind the verdict
+
+
+def checksums_agree(rows: Sequence[BenchRow]) -> bool:
+    """Whether every contender that ran produced the same checksum for the same size and task count."""
+    by_size: dict[int, list[float]] = {}
+    for r in rows:
+        if r.status == "ok" and r.checksum is not None and r.contender != "hpcshare-empty":
+            by_size.setdefault(r.size, []).append(r.checksum)
+    return all(np.allclose(v, v[0], rtol=1e-12, atol=0) for v in by_size.values())
+
+
+def find(
+    rows: Sequence[BenchRow], contender: str, size: int | None = None, workers: int | None = None
+) -> BenchRow | None:
+    """The first ``ok`` row of ``contender`` (at ``size`` and ``workers`` when given)."""
+    for r in rows:
+        if (
+            r.contender == contender
+            and r.status == "ok"
+            and (size is None or r.size == size)
+            and (workers is None or r.workers == workers)
+        ):
+            return r
+    return None
+
+
+def _ready_ratio(what: str, ours: BenchRow | None, base: BenchRow | None, limit: float) -> Iterator[Target]:
+    if ours and base:
+        a, b = need(ours.ready, "ready"), need(base.ready, "ready")
+        yield Target(what, a / b <= limit, f"{a:.3f} s vs {b:.3f} s ({a / b:.2f}x)")
+
+
+def _memory(rows: Sequence[BenchRow], r: BenchRow, tag: str) -> Iterator[Target]:
+    mem = need(r.node_memory, "node memory")
+    empty = find(rows, "hpcshare-empty", workers=r.workers)
+    if empty and r.workers == MEMORY_WORKERS:
+        limit = 1.15 * (r.size + need(empty.node_memory))
+        yield Target(
+            f"hpcshare node memory <= 1.15 x (S + empty job), {tag}",
+            mem <= limit,
+            f"{format_bytes(int(mem))} vs {format_bytes(int(limit))}",
+        )
+    for other in ("scatter", "submit"):
+        o = find(rows, other, r.size, r.workers)
+        if o and r.workers == MEMORY_WORKERS:
+            ratio = need(o.node_memory) / mem
+            yield Target(f"{other} uses >= 3.5x hpcshare's node memory, {tag}", ratio >= 3.5, f"{ratio:.2f}x")
+    ray = find(rows, "ray", r.size, r.workers)
+    if ray:
+        theirs = need(ray.node_memory)
+        yield Target(
+            f"hpcshare node memory <= Ray's, {tag}",
+            mem <= theirs,
+            f"{format_bytes(int(mem))} vs {format_bytes(int(theirs))}",
+        )
+
+
+def _ready(rows: Sequence[BenchRow], r: BenchRow, tag: str) -> Iterator[Target]:
+    yield from _ready_ratio(
+        f"time to ready <= 1.3x one-process copy into fresh shared memory, {tag}",
+        r,
+        find(rows, "shm-copy", r.size),
+        1.3,
+    )
+    yield from _ready_ratio(
+        f"time to ready from HDF5 <= 1.2x read_direct into private memory, {tag}",
+        find(rows, "hpcshare-h5", r.size, r.workers),
+        find(rows, "h5-read-direct", r.size),
+        1.2,
+    )
+    scatter = find(rows, "scatter", r.size, r.workers)
+    if scatter and r.workers == MEMORY_WORKERS:
+        ratio = need(scatter.ready) / need(r.ready)
+        yield Target(
+            f"time to ready >= 2x faster than scatter(broadcast=True), {tag}", ratio >= 2, f"{ratio:.1f}x"
+        )
+
+
+def _costs(r: BenchRow, tag: str) -> Iterator[Target]:
+    median, p99 = need(r.resolve_us_median), need(r.resolve_us_p99)
+    yield Target(
+        f"handle resolve median <= 20 us, {tag}", median <= 20, f"{median:.2f} us (p99 {p99:.2f} us)"
+    )
+    waiting = need(r.waiting_cpu_fraction)
+    yield Target(
+        f"waiting ranks use < 5% of a core during placement, {tag}", waiting < 0.05, f"{100 * waiting:.1f}%"
+    )
+
+
+def _flat_task_time(rows: Sequence[BenchRow]) -> Iterator[Target]:
+    for w in sorted({r.workers for r in rows}):
+        probes = sorted(
+            (r.size, need(r.probe_task_median), need(r.probe_task_first_read_median))
+            for r in rows
+            if r.contender == "hpcshare" and r.status == "ok" and r.workers == w
+        )
+        if len(probes) > 1:
+            (s0, small, small_cold), (s1, large, large_cold) = probes[0], probes[-1]
+            yield Target(
+                f"task time flat in S (resolve + read 1 MiB, {format_bytes(s1)} over "
+                f"{format_bytes(s0)} <= 1.1), W={w}",
+                large / small <= 1.1,
+                f"{large * 1e3:.3f} ms vs {small * 1e3:.3f} ms ({large / small:.2f}x); first read from "
+                f"memory, not cache: {large_cold * 1e3:.3f} ms vs {small_cold * 1e3:.3f} ms",
+            )
+
+
+def targets(rows: Sequence[BenchRow]) -> list[Target]:
+    """The targets these rows can judge, in the order docs/benchmarks.md lists them."""
+    out: list[Target] = []
+    for r in rows:
+        if r.contender != "hpcshare" or r.status != "ok" or r.size < MIN_SIZE:
+            continue
+        tag = f"S={format_bytes(r.size)}, W={r.workers}"
+        out += [*_memory(rows, r, tag), *_ready(rows, r, tag), *_costs(r, tag)]
+    out += _flat_task_time(rows)
+    return out

@@ -1,0 +1,315 @@
+"""The Dask side of a job: roles through dask-mpi, the client's ``main``, worker policies.
+
+- :class:`DaskCluster`: a context manager around one run of dask-mpi
+  (rank 0 scheduler, rank 1 client running ``main``, other ranks in-process
+  workers); leaving it restores the loggers and Dask config it changed.
+- :func:`idle_startup_comm`: the one shim over dask-mpi, so its start-up
+  handshake waits idle and bounded instead of spinning a core per rank.
+- :class:`ViewGuard`: a worker plugin that warns when a task returns a view
+  of a shared input.
+- :func:`worker_memory_limit`: the memory policy for workers that share
+  their node's inputs.
+- :func:`quiet_dask_logs`: silence the tracebacks Dask logs while its comms close.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import sys
+import traceback
+import warnings
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import psutil
+from distributed.diagnostics.plugin import WorkerPlugin
+
+from . import sync
+from .errors import HpcshareError, JobFailed
+from .handles import ArrayHandle, registered_views
+
+if TYPE_CHECKING:
+    from distributed import Client
+    from mpi4py import MPI
+
+    from .config import JobConfig
+    from .importing import MainFunction
+    from .topology import Topology
+
+__all__ = [
+    "DaskCluster",
+    "ViewGuard",
+    "idle_startup_comm",
+    "job_memory_total",
+    "quiet_dask_logs",
+    "worker_memory_limit",
+]
+
+_DASK_LOGGERS = ("distributed", "tornado", "asyncio")
+
+
+def idle_startup_comm(comm: MPI.Intracomm, timeout: float) -> MPI.Intracomm:
+    """``comm`` with idle, bounded ``bcast`` and ``Barrier``, for dask-mpi's start-up handshake.
+
+    dask-mpi's ranks wait in a blocking broadcast while the scheduler starts,
+    then in a barrier; with MPICH each waiting rank would spin a core. The
+    result is the same MPI handle (not a duplicate) whose two waits are
+    :func:`hpcshare.sync.barrier` first, bounded by ``timeout``.
+    """
+    from mpi4py import MPI
+
+    class _Idle(MPI.Intracomm):
+        def bcast(self, obj: Any = None, root: int = 0) -> Any:
+            sync.barrier(self, timeout=timeout, what="the Dask scheduler to start")
+            return super().bcast(obj, root=root)
+
+        def Barrier(self) -> None:  # noqa: N802 - mpi4py's name
+            sync.barrier(self, timeout=timeout, what="the Dask cluster to start")
+
+    return _Idle(comm)
+
+
+class ViewGuard(WorkerPlugin):
+    """Worker plugin: warn when a task's result is a view of a shared input.
+
+    Dask's ``sizeof`` of such a view is its full size: the worker would count
+    node-shared bytes as its own, and might spill or send them to another
+    worker. Tasks should return derived results.
+    """
+
+    name = "hpcshare-view-guard"
+
+    def setup(self, worker: Any) -> None:
+        self.worker = worker
+        self.warned: set[str] = set()
+
+    def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
+        if finish != "memory":
+            return
+        value = self._result(key)
+        if not isinstance(value, np.ndarray) or value.nbytes == 0:
+            return
+        if getattr(value, "_hpcshare_ref", None) is not None:
+            return  # a dask_array chunk: it travels as a reference
+        for name, shared in registered_views():
+            if name not in self.warned and np.may_share_memory(value, shared):
+                self.warned.add(name)
+                warnings.warn(
+                    f"task {key!r} returned a view of shared input {name!r}: Dask counts its "
+                    f"{value.nbytes} bytes as this worker's memory and may copy them to other "
+                    "workers. Return a derived result, or np.array(view) if a copy is meant.",
+                    RuntimeWarning,
+                    stacklevel=1,
+                )
+
+    def _result(self, key: Any) -> Any:
+        data = getattr(self.worker.data, "fast", self.worker.data)
+        try:
+            return data.get(key)
+        except Exception:
+            return None
+
+
+def node_memory_total() -> int:
+    """Physical memory of this machine in bytes (local)."""
+    return int(psutil.virtual_memory().total)
+
+
+def _cgroup_limits() -> list[int]:
+    """Memory limits of this process's cgroups, v1 and v2, in bytes (local)."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            entries = [line.rstrip("\n").split(":", 2) for line in f]
+    except OSError:
+        return []
+    limits = []
+    for _, controllers, rel in (e for e in entries if len(e) == 3):
+        if controllers == "":  # cgroup v2
+            path = os.path.join("/sys/fs/cgroup", rel.lstrip("/"), "memory.max")
+        elif "memory" in controllers.split(","):  # cgroup v1
+            path = os.path.join("/sys/fs/cgroup/memory", rel.lstrip("/"), "memory.limit_in_bytes")
+        else:
+            continue
+        try:
+            with open(path) as f:
+                value = f.read().strip()
+        except OSError:
+            continue
+        if value.isdigit():
+            limits.append(int(value))
+    return limits
+
+
+def job_memory_total(environ: Mapping[str, str] | None = None) -> int:
+    """Memory the job may use on this machine, in bytes (local).
+
+    Physical memory, capped by Slurm's ``--mem`` (``SLURM_MEM_PER_NODE``, in
+    MiB) and by the memory limit of this process's cgroup, whichever is
+    lowest: on a shared node the job gets its allocation, not the machine.
+    """
+    env = os.environ if environ is None else environ
+    limits = [node_memory_total(), *_cgroup_limits()]
+    slurm = env.get("SLURM_MEM_PER_NODE", "")
+    if slurm.isdigit() and int(slurm) > 0:
+        limits.append(int(slurm) * 2**20)
+    return min(limits)
+
+
+def worker_memory_limit(topo: Topology, config: JobConfig, shared: int) -> int:
+    """Dask's memory limit for each worker (collective on the host communicator).
+
+    Pages of the node's inputs that a worker touches count in its RSS, which
+    Dask compares with fractions of the limit (spill at 0.7, pause at 0.8 by
+    default). The limit is therefore the private budget plus the shared bytes
+    divided by the lowest of those fractions: a worker is spilled or paused for
+    its private memory only.
+    """
+    import dask.config
+
+    workers_here = topo.host.allreduce(1 if topo.role == "worker" else 0)
+    nodes_here = topo.host.allreduce(1 if topo.is_leader else 0)
+    if config.memory_limit == 0:
+        return 0  # Dask's convention: no limit
+    if config.memory_limit is not None:
+        private = config.memory_limit
+    else:
+        private = max(job_memory_total() - shared * nodes_here, 0) // max(workers_here, 1)
+    fractions = [
+        float(f)
+        for f in (
+            dask.config.get("distributed.worker.memory.spill"),
+            dask.config.get("distributed.worker.memory.pause"),
+        )
+        if f not in (None, False) and 0 < float(f) <= 1
+    ]
+    return private + int(shared / min(fractions, default=1.0))
+
+
+def quiet_dask_logs() -> None:
+    """Silence the tracebacks Dask logs while its comms close at the end of a job (local).
+
+    Run on every Dask process (client, workers, scheduler) just before the
+    shutdown: a worker whose heartbeat meets the closed scheduler logs a
+    CommClosedError traceback that is not a failure. :class:`DaskCluster`
+    restores the levels on every rank once Dask has stopped.
+    """
+    for name in _DASK_LOGGERS:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def _dashboard_hint(client: Client) -> str:
+    """One line on how to reach the Dask dashboard from a laptop (local, on the client)."""
+    port = client.scheduler_info().get("services", {}).get("dashboard")
+    if not port:
+        return "hpcshare: no Dask dashboard (it needs bokeh: pip install 'bokeh>=3.1')"
+    host = client.run_on_scheduler(socket.gethostname)
+    return (
+        f"hpcshare: Dask dashboard on {host}:{port}; from your machine: "
+        f"ssh -N -L {port}:{host}:{port} LOGIN-NODE, then open http://localhost:{port}/status"
+    )
+
+
+def _call_main(
+    main: MainFunction, client: Client, handles: Mapping[str, ArrayHandle]
+) -> tuple[Any, BaseException | None]:
+    """``main(client, handles)``; what it raised, SystemExit and Ctrl-C included, as a JobFailed."""
+    try:
+        return main(client, dict(handles)), None
+    except SystemExit as exc:
+        return None, JobFailed(f"the job's main called sys.exit({exc.code!r})")
+    except BaseException as exc:  # KeyboardInterrupt too: the cluster must still stop
+        traceback.print_exc()
+        sys.stderr.flush()
+        return None, JobFailed(
+            f"the job's main raised {type(exc).__name__}: {exc} (traceback above, from the client rank)"
+        )
+
+
+def _stop(client: Client) -> None:
+    """Quiet every Dask process's shutdown logs, stop the scheduler and workers, close (local)."""
+    with contextlib.suppress(Exception):  # best effort: a dead worker only means more noise
+        client.run(quiet_dask_logs, on_error="ignore")
+        client.run_on_scheduler(quiet_dask_logs)
+    quiet_dask_logs()
+    with contextlib.suppress(Exception):
+        client.shutdown()
+    client.close()
+
+
+def client_main(
+    main: MainFunction, handles: Mapping[str, ArrayHandle], n_workers: int, config: JobConfig
+) -> tuple[Any, BaseException | None]:
+    """Run ``main`` on the client rank, then shut the cluster down (local, on the client rank)."""
+    from distributed import Client
+
+    try:
+        client = Client(timeout=config.timeout)
+    except Exception as exc:  # the scheduler is unreachable: nobody can stop it but an abort
+        return None, HpcshareError(f"the client could not connect to the Dask scheduler: {exc}")
+    try:
+        client.wait_for_workers(n_workers, timeout=config.timeout)
+        client.register_plugin(ViewGuard(), name=ViewGuard.name)
+        if not config.quiet:
+            print(_dashboard_hint(client), flush=True)
+        return _call_main(main, client, handles)
+    except Exception as exc:
+        return None, exc
+    finally:
+        _stop(client)
+
+
+class DaskCluster:
+    """One run of Dask on the job's ranks, through dask-mpi (collective on world).
+
+    Entering sets distributed's log level; :meth:`run` starts every rank's
+    role and returns when Dask has stopped; leaving restores the loggers and
+    the ``scheduler-address`` config on every rank.
+    """
+
+    def __init__(self, topo: Topology, config: JobConfig, shared_bytes: int) -> None:
+        self.topo, self.config, self.shared_bytes = topo, config, shared_bytes
+
+    def __enter__(self) -> DaskCluster:
+        import dask
+
+        self._levels = {name: logging.getLogger(name).level for name in _DASK_LOGGERS}
+        self._address = dask.config.get("scheduler-address", None)
+        logging.getLogger("distributed").setLevel(self.config.dask_log_level.upper())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import dask
+
+        for name, level in self._levels.items():
+            logging.getLogger(name).setLevel(level)
+        dask.config.set({"scheduler-address": self._address})
+        if self._address is None:
+            dask.config.config.pop("scheduler-address", None)
+
+    def run(self, main: MainFunction, handles: Mapping[str, ArrayHandle]) -> tuple[Any, BaseException | None]:
+        """Scheduler, client running ``main``, or worker, until Dask stops (collective on world).
+
+        Returns ``main``'s result and error on the client rank, and an error
+        on any rank whose role failed; every rank returns, so that the caller
+        can tear down collectively.
+        """
+        from dask_mpi import initialize
+
+        try:
+            is_client = initialize(
+                comm=idle_startup_comm(self.topo.world, self.config.timeout),
+                exit=False,
+                nthreads=self.config.nthreads,
+                memory_limit=worker_memory_limit(self.topo, self.config, self.shared_bytes),
+                dashboard_address=self.config.dashboard_address,
+                worker_options={"name": f"rank-{self.topo.rank}"},
+            )
+            if is_client:
+                return client_main(main, handles, self.topo.size - 2, self.config)
+            return None, None
+        except BaseException as exc:  # every rank must still reach the teardown
+            return None, exc

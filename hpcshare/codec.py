@@ -1,0 +1,356 @@
+"""Objects as bytes in one shared file, and back, zero-copy.
+
+:func:`encode` turns a NumPy array, a pandas DataFrame or Series, or a
+pyarrow Table, RecordBatch, Array or ChunkedArray into an :class:`Encoded`:
+a small header plus the raw buffers, laid out at 64-byte aligned offsets.
+:func:`decode` rebuilds the object over a read-only buffer holding those
+bytes (the node's shared file) without copying a data buffer.
+
+- NumPy arrays: the header holds shape, dtype and order; the data is one buffer.
+- pandas: pickle protocol 5 with out-of-band buffers: numeric, bool,
+  nullable, categorical and Arrow-backed columns (strings included) keep
+  their buffers out of the pickle. datetime64 and timedelta64 blocks would
+  be pickled in band (copied on every load); they go out of band as their
+  int64 view and are viewed back.
+- Arrow: the Arrow IPC stream format, read back with zero-copy buffer views.
+
+Python objects (object-dtype columns, Python-backed strings) cannot live in
+shared memory; :func:`encode` refuses them, naming the column.
+
+Imports nothing from MPI, pandas or pyarrow at module level.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import pickle
+import struct
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from numpy.lib import format as _npformat
+
+from .errors import InputError
+
+__all__ = ["ALIGN", "Encoded", "Refused", "decode", "describe", "encode"]
+
+ALIGN = 64  # every buffer starts at a multiple of this (cache lines, AVX-512 loads, Arrow's own)
+_MAGIC = b"HPCSHR01"
+_PREFIX = struct.Struct("<8sQ")  # magic, header length
+
+
+class Refused(InputError, TypeError):
+    """An object, or a column of it, that cannot be held in shared memory."""
+
+
+def _align(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+@dataclasses.dataclass
+class Encoded:
+    """An object ready to be written: a header and its buffers, with their places in the file."""
+
+    kind: str  #: "ndarray", "pandas" or "arrow"
+    header: bytes  #: the prefix and the pickled header, written at offset 0
+    offsets: list[int]  #: where each part starts
+    sizes: list[int]  #: each part's bytes
+    writers: list[Callable[[memoryview], None]]  #: each writes its part into a buffer of its size
+    summary: str  #: what it is, for messages: "DataFrame 2000000 x 11"
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the whole file."""
+        return _align(
+            max([len(self.header), *(o + s for o, s in zip(self.offsets, self.sizes, strict=True))])
+        )
+
+    def write_into(self, dest: memoryview) -> None:
+        """Write the file's bytes into ``dest`` (writable, at least :attr:`nbytes` long)."""
+        dest[: len(self.header)] = self.header
+        for offset, size, writer in zip(self.offsets, self.sizes, self.writers, strict=True):
+            if size:
+                writer(dest[offset : offset + size])
+
+
+def _copier(src: memoryview) -> Callable[[memoryview], None]:
+    def write(dest: memoryview) -> None:
+        np.copyto(np.frombuffer(dest, np.uint8), np.frombuffer(src, np.uint8))
+
+    return write
+
+
+def _build(kind: str, meta: dict[str, Any], sizes: list[int], writers: list[Any], summary: str) -> Encoded:
+    """Lay the parts out after the header; the header records where each is."""
+    # the header's length depends on the offsets it holds: size it with generous offsets first
+    probe = pickle.dumps({**meta, "kind": kind, "parts": [(2**62, s) for s in sizes]}, protocol=5)
+    offset = _align(_PREFIX.size + len(probe))
+    offsets = []
+    for s in sizes:
+        offsets.append(offset)
+        offset = _align(offset + s)
+    body = pickle.dumps({**meta, "kind": kind, "parts": list(zip(offsets, sizes, strict=True))}, protocol=5)
+    header = _PREFIX.pack(_MAGIC, len(body)) + body
+    return Encoded(kind, header, offsets, sizes, writers, summary)
+
+
+# --- NumPy ----------------------------------------------------------------------
+
+
+def _check_ndarray(a: np.ndarray, where: str) -> None:
+    if a.dtype.hasobject:
+        raise Refused(
+            f"{where} has dtype {a.dtype}: Python objects cannot live in shared memory. "
+            "Convert it to a fixed-size dtype (numbers, bool, datetime64, fixed-width bytes or str)."
+        )
+
+
+def _encode_ndarray(a: np.ndarray) -> Encoded:
+    _check_ndarray(a, f"array of shape {a.shape}")
+    order = "F" if a.flags.f_contiguous and not a.flags.c_contiguous else "C"
+    if not (a.flags.c_contiguous or a.flags.f_contiguous):
+        a = np.ascontiguousarray(a)  # other layouts are made contiguous once, here
+    flat = a.ravel(order="A").view(np.uint8) if a.size else np.empty(0, np.uint8)  # no copy
+    descr = a.dtype.str if a.dtype.fields is None else _npformat.dtype_to_descr(a.dtype)
+    meta = {"shape": a.shape, "dtype": descr, "order": order}
+    return _build("ndarray", meta, [flat.nbytes], [_copier(flat.data)], f"{a.dtype} array {a.shape}")
+
+
+def _decode_ndarray(header: dict[str, Any], buf: memoryview) -> np.ndarray:
+    ((offset, _),) = header["parts"]
+    dtype = _npformat.descr_to_dtype(header["dtype"])
+    out = np.ndarray(header["shape"], dtype, buffer=buf, offset=offset, order=header["order"])
+    out.flags.writeable = False
+    return out
+
+
+# --- pandas -----------------------------------------------------------------------
+
+
+def _view_as(values: np.ndarray, dtype: Any) -> np.ndarray:
+    """Unpickling: a datetime64/timedelta64 array from its int64 view (no copy)."""
+    return values.view(dtype)
+
+
+class _OutOfBandPickler(pickle.Pickler):
+    """Protocol 5 with buffers out of band, datetime-like ones included."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        if type(obj) is np.ndarray:
+            if obj.dtype.kind in "mM":
+                return _view_as, (obj.view(np.int64), obj.dtype)
+            if (
+                obj.size
+                and not obj.dtype.hasobject
+                and not (obj.flags.c_contiguous or obj.flags.f_contiguous)
+            ):
+                return np.ascontiguousarray, (np.ascontiguousarray(obj),)
+        return NotImplemented
+
+
+def _check_pandas_values(values: Any, where: str) -> None:
+    """Refuse a column (or index) whose values are Python objects; name it."""
+    import pandas as pd
+
+    dtype = values.dtype
+    if isinstance(dtype, np.dtype):
+        if dtype.hasobject:
+            raise Refused(
+                f"{where} has dtype object: Python objects cannot live in shared memory. "
+                f"Convert it first, e.g. .astype('string[pyarrow]') for text or a numeric dtype."
+            )
+        return
+    if isinstance(dtype, pd.CategoricalDtype):
+        _check_pandas_values(dtype.categories, f"the categories of {where}")
+    elif isinstance(dtype, pd.StringDtype):
+        if dtype.storage == "python":
+            raise Refused(
+                f"{where} has dtype {dtype!r} backed by Python str objects, which cannot live in "
+                "shared memory. Use the Arrow-backed string dtype: .astype('string[pyarrow]') "
+                "(install pyarrow: pip install 'hpcshare[dataframe]')."
+            )
+    elif isinstance(dtype, pd.IntervalDtype | pd.SparseDtype):
+        sub = dtype.subtype
+        if sub is not None and np.dtype(sub).hasobject:
+            raise Refused(f"{where} has dtype {dtype}, over Python objects: not shareable")
+    elif not isinstance(dtype, _zero_copy_dtypes()):
+        raise Refused(f"{where} has dtype {dtype!r}, which hpcshare cannot share")
+
+
+def _zero_copy_dtypes() -> tuple[type, ...]:
+    """pandas extension dtypes whose arrays are fixed-size buffers (pickled out of band)."""
+    import pandas as pd
+    from pandas.core.dtypes.dtypes import BaseMaskedDtype
+
+    return (BaseMaskedDtype, pd.ArrowDtype, pd.DatetimeTZDtype, pd.PeriodDtype)
+
+
+def _check_index(index: Any, what: str) -> None:
+    import pandas as pd
+
+    if isinstance(index, pd.MultiIndex):
+        for i, level in enumerate(index.levels):
+            _check_pandas_values(level, f"level {i} of the {what}")
+    elif not isinstance(index, pd.RangeIndex):
+        _check_pandas_values(index, f"the {what}")
+
+
+def _check_pandas(obj: Any) -> None:
+    import pandas as pd
+
+    if isinstance(obj, pd.DataFrame):
+        for i, (name, col) in enumerate(obj.items()):
+            _check_pandas_values(col, f"column {name!r} (position {i})")
+        _check_index(obj.index, "index")
+    else:
+        _check_pandas_values(obj, f"Series {obj.name!r}")
+        _check_index(obj.index, "index")
+
+
+def _encode_pandas(obj: Any) -> Encoded:
+    _check_pandas(obj)
+    buffers: list[pickle.PickleBuffer] = []
+    out = io.BytesIO()
+    _OutOfBandPickler(out, protocol=5, buffer_callback=buffers.append).dump(obj)
+    raws = [b.raw() for b in buffers]
+    shape = " x ".join(map(str, obj.shape))
+    return _build(
+        "pandas",
+        {"pickle": out.getvalue()},
+        [r.nbytes for r in raws],
+        [_copier(r) for r in raws],
+        f"{type(obj).__name__} {shape}",
+    )
+
+
+def _decode_pandas(header: dict[str, Any], buf: memoryview) -> Any:
+    views = [buf[o : o + s] for o, s in header["parts"]]
+    return pickle.loads(header["pickle"], buffers=views)
+
+
+# --- Arrow -------------------------------------------------------------------------
+
+
+def _as_batch_source(obj: Any) -> tuple[str, Any]:
+    """(what it was, a Table or RecordBatch to stream) for any Arrow object."""
+    import pyarrow as pa
+
+    if isinstance(obj, pa.Table):
+        return "Table", obj
+    if isinstance(obj, pa.RecordBatch):
+        return "RecordBatch", obj
+    if isinstance(obj, pa.ChunkedArray):
+        return "ChunkedArray", pa.table({"values": obj})
+    return "Array", pa.record_batch({"values": obj})
+
+
+def _encode_arrow(obj: Any) -> Encoded:
+    import pyarrow as pa
+
+    what, data = _as_batch_source(obj)
+    sink = pa.MockOutputStream()
+    with pa.ipc.new_stream(sink, data.schema) as w:
+        w.write(data)
+    size = sink.size()
+
+    def write(dest: memoryview) -> None:
+        with pa.ipc.new_stream(pa.FixedSizeBufferWriter(pa.py_buffer(dest)), data.schema) as w:
+            w.write(data)
+
+    rows = len(obj)
+    return _build("arrow", {"what": what}, [size], [write], f"Arrow {what} of {rows} rows")
+
+
+def _decode_arrow(header: dict[str, Any], buf: memoryview) -> Any:
+    import pyarrow as pa
+
+    ((offset, size),) = header["parts"]
+    table = pa.ipc.open_stream(pa.py_buffer(buf[offset : offset + size])).read_all()
+    what = header["what"]
+    if what == "Table":
+        return table
+    if what == "RecordBatch":
+        return (
+            table.combine_chunks().to_batches()[0]
+            if table.num_rows
+            else pa.RecordBatch.from_pylist([], table.schema)
+        )
+    column = table.column(0)
+    if what == "ChunkedArray":
+        return column
+    return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+
+
+# --- the entry points --------------------------------------------------------------
+
+
+def _kind(obj: Any) -> str | None:
+    if isinstance(obj, np.ndarray):
+        return "ndarray"
+    module = type(obj).__module__.split(".")[0]
+    if module == "pandas" and "pandas" in sys.modules:
+        import pandas as pd
+
+        if isinstance(obj, pd.DataFrame | pd.Series):
+            return "pandas"
+    if module == "pyarrow" and "pyarrow" in sys.modules:
+        import pyarrow as pa
+
+        if isinstance(obj, pa.Table | pa.RecordBatch | pa.Array | pa.ChunkedArray):
+            return "arrow"
+    return None
+
+
+_ENCODERS: dict[str, Callable[[Any], Encoded]] = {
+    "ndarray": _encode_ndarray,
+    "pandas": _encode_pandas,
+    "arrow": _encode_arrow,
+}
+_DECODERS: dict[str, Callable[[dict[str, Any], memoryview], Any]] = {
+    "ndarray": _decode_ndarray,
+    "pandas": _decode_pandas,
+    "arrow": _decode_arrow,
+}
+
+
+def describe(obj: Any) -> str:
+    """What ``obj`` is, for messages."""
+    shape = getattr(obj, "shape", None)
+    return f"{type(obj).__module__}.{type(obj).__qualname__}" + (f" {shape}" if shape is not None else "")
+
+
+def encode(obj: Any) -> Encoded:
+    """``obj`` as a header and buffers (local; refuses what cannot be shared).
+
+    Raises
+    ------
+    Refused
+        For a type hpcshare cannot share, or a column of Python objects.
+    """
+    kind = _kind(obj)
+    if kind is None:
+        raise Refused(
+            f"cannot share {describe(obj)}: hpcshare.put takes a NumPy array, a pandas "
+            "DataFrame or Series, or a pyarrow Table, RecordBatch or Array "
+            "(pandas and pyarrow: pip install 'hpcshare[dataframe]'). Python objects "
+            "cannot live in shared memory."
+        )
+    return _ENCODERS[kind](obj)
+
+
+def read_header(buf: memoryview) -> dict[str, Any]:
+    """The header at the start of a file written by :meth:`Encoded.write_into`."""
+    magic, length = _PREFIX.unpack_from(buf, 0)
+    if magic != _MAGIC:
+        raise ValueError("not an hpcshare object file (bad magic)")
+    header: dict[str, Any] = pickle.loads(buf[_PREFIX.size : _PREFIX.size + length])
+    return header
+
+
+def decode(buf: memoryview) -> Any:
+    """The object written into ``buf``, built over it without copying its data buffers."""
+    header = read_header(buf)
+    return _DECODERS[header["kind"]](header, buf)

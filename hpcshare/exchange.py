@@ -1,0 +1,321 @@
+"""Putting objects on every node while the job runs, over MPI.
+
+A put is point-to-point, never a collective: the rank that has the object
+(the client in ``main``, or a worker in a task) writes its own node's file
+(:mod:`hpcshare.store`), then sends the bytes once to one rank on each
+other node, that node's leader, whose service thread writes that node's
+file. Nothing waits on the Dask event loop or on a busy task, so nothing
+can deadlock against them.
+
+The protocol, on a communicator duplicated from the job's (so no message
+mixes with anyone else's), per other node:
+
+1. ``check``: the leader says whether its shared memory has room; any
+   refusal ends the put before anything is allocated anywhere;
+2. ``data``: the leader creates and allocates the file and answers
+   ``ready``; the putter sends the bytes in pieces; the leader answers
+   ``done`` once they are in;
+3. on any failure the putter sends ``unlink`` to every node it reached and
+   removes its own file: nothing is left behind.
+
+Every wait is idle (short, growing sleeps; no spinning) and bounded by
+``hpcshare.timeout``. Puts from one process go one at a time.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from dask.utils import format_bytes
+
+from . import codec, shm, store, sync
+from .errors import CapacityError, HpcshareError
+from .handles import ArrayHandle, Handle, ObjectHandle
+from .log import logger
+
+if TYPE_CHECKING:
+    from mpi4py import MPI
+
+    from .config import JobConfig
+    from .topology import Topology
+
+__all__ = ["Exchange", "current"]
+
+_REQUEST, _REPLY, _DATA = 1, 2, 3  # tags
+_PIECE = 64 * 2**20  # bytes per message: well under MPI's 2**31 count limit
+_MIN_SLEEP, _MAX_SLEEP = 50e-6, 5e-3
+
+_current: Exchange | None = None
+
+
+def current() -> Exchange:
+    """This process's exchange (raises outside a running hpcshare job)."""
+    if _current is None:
+        raise HpcshareError(
+            "hpcshare.put works only inside a running hpcshare job: in main (the client "
+            "rank) or in a task on one of the job's workers."
+        )
+    return _current
+
+
+def _receive(comm: MPI.Comm, source: int, tag: int, timeout: float, what: str) -> Any:
+    """Receive a small pickled message, waiting idle, bounded by ``timeout`` (local)."""
+    sleep = _MIN_SLEEP
+    deadline = time.monotonic() + timeout
+    while (message := comm.improbe(source=source, tag=tag)) is None:
+        if time.monotonic() > deadline:
+            raise sync.WaitTimeout(f"waited {timeout:g} s for {what} and gave up")
+        time.sleep(sleep)
+        sleep = min(sleep * 2, _MAX_SLEEP)
+    return message.recv()
+
+
+def _pieces(nbytes: int) -> list[tuple[int, int]]:
+    return [(a, min(a + _PIECE, nbytes)) for a in range(0, nbytes, _PIECE)] or [(0, 0)]
+
+
+class Exchange:
+    """Puts on this rank and, on node leaders, the service that receives them.
+
+    A context manager, collective on the job's ranks: entering duplicates the
+    communicator and starts the service thread on each node's leader;
+    leaving stops it and unlinks the node's object files.
+    """
+
+    def __init__(self, topo: Topology, config: JobConfig, generation: str) -> None:
+        self.topo, self.config, self.generation = topo, config, generation
+        self.timeout = config.timeout
+        self._names = itertools.count()
+        self._put_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.comm: MPI.Intracomm | None = None
+        self.leaders: dict[int, int] = {}  # node -> world rank of its leader
+        self.nodes_on_host = 1
+        self.threads_ok = True
+        self.joined = store.Joined(config.shm_dir, topo.node_index, generation, owner=topo.is_leader)
+
+    # --- lifecycle ---
+
+    def __enter__(self) -> Exchange:
+        global _current
+        topo = self.topo
+        self.comm = topo.world.Dup()
+        placed = self.comm.allgather((topo.node_index, topo.is_leader, topo.hostname))
+        self.leaders = {node: rank for rank, (node, lead, _) in enumerate(placed) if lead}
+        self.nodes_on_host = sum(1 for _, lead, host in placed if lead and host == topo.hostname)
+        self.joined.__enter__()
+        from mpi4py import MPI
+
+        self.threads_ok = MPI.Query_thread() >= MPI.THREAD_MULTIPLE
+        if topo.is_leader and self.threads_ok:
+            self._thread = threading.Thread(target=self._serve, name="hpcshare-exchange", daemon=True)
+            self._thread.start()
+        _current = self
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        global _current
+        _current = None
+        assert self.comm is not None
+        try:  # no put is in flight once every rank is here (bounded: a dead rank does not hang us)
+            sync.barrier(self.comm, timeout=self.timeout, what="the other ranks to finish their puts")
+            finished = True
+        except sync.WaitTimeout:
+            finished = False
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.timeout)
+        self.joined.__exit__(*exc)
+        if finished:
+            self.comm.Free()
+
+    # --- the putter's side ---
+
+    def put(self, obj: Any) -> Handle:
+        """Place ``obj`` once on every node; return its handle (local to this rank, point-to-point)."""
+        enc = codec.encode(obj)
+        if not self.threads_ok and len(self.leaders) > 1:
+            raise HpcshareError(
+                "hpcshare.put across nodes needs MPI_THREAD_MULTIPLE, which this MPI library "
+                "did not provide; use an MPI built with thread support (MPICH, Open MPI 5, Intel MPI)"
+            )
+        with self._put_lock:
+            name = f"p{self.topo.rank}x{next(self._names)}"
+            what = f"hpcshare.put of {enc.summary} ({format_bytes(enc.nbytes)})"
+            t = time.perf_counter()
+            self._check_room(enc.nbytes, what)
+            view = self._write_here(name, enc, what)
+            try:
+                self._send_everywhere(name, view, what)
+            except BaseException:
+                self._unlink_everywhere(name)
+                store.release(name, self.generation)
+                raise
+            obj_here = codec.decode(view)
+            store.remember(name, self.generation, obj_here)
+            logger.debug("%s: on %d node(s) in %.3f s", what, len(self.leaders), time.perf_counter() - t)
+        return self._handle(name, enc, obj_here)
+
+    def _handle(self, name: str, enc: codec.Encoded, obj: Any) -> Handle:
+        if enc.kind == "ndarray":
+            order = "F" if obj.flags.f_contiguous and not obj.flags.c_contiguous else "C"
+            return ArrayHandle(name, obj.shape, obj.dtype, order, self.generation, stored=True)
+        return ObjectHandle(name, self.generation, enc.kind, enc.nbytes, enc.summary)
+
+    def _check_room(self, nbytes: int, what: str) -> None:
+        """Refuse before anything is allocated: here first, then every other node (point-to-point)."""
+        check_room(self.config, nbytes * self.nodes_on_host, self._on_host(what))
+        others = self._others()
+        for leader in others.values():
+            self._request(leader, ("check", nbytes, what))
+        refusals = []
+        for node, leader in others.items():
+            answer = _receive(
+                self.comm_(), leader, _REPLY, self.timeout, f"node {node}'s leader (rank {leader})"
+            )
+            if answer != "ok":
+                refusals.append(f"node {node}: {answer}")
+        if refusals:
+            raise CapacityError("; ".join(refusals))
+
+    def _write_here(self, name: str, enc: codec.Encoded, what: str) -> memoryview:
+        path = store.path_of(name)
+        mm = store.create(path, enc.nbytes, what)
+        try:
+            with memoryview(mm) as dest:
+                enc.write_into(dest)
+        finally:
+            mm.close()
+        return store.map_readonly(path)
+
+    def _send_everywhere(self, name: str, view: memoryview, what: str) -> None:
+        """The bytes once to each other node's leader, all nodes at once (point-to-point)."""
+        others = self._others()
+        comm = self.comm_()
+        for leader in others.values():
+            self._request(leader, ("data", name, len(view), what))
+        for node, leader in others.items():
+            answer = _receive(comm, leader, _REPLY, self.timeout, f"node {node}'s leader to allocate")
+            if answer != "ready":
+                raise CapacityError(f"{what}, node {node}: {answer}")
+        requests = [
+            comm.Isend([view[a:b], b - a, _byte()], dest=leader, tag=_DATA)
+            for leader in others.values()
+            for a, b in _pieces(len(view))
+        ]
+        for request in requests:
+            sync.wait(request, timeout=self.timeout, what=f"the other nodes to receive {what}")
+        for node, leader in others.items():
+            answer = _receive(comm, leader, _REPLY, self.timeout, f"node {node}'s leader to store it")
+            if answer != "done":
+                raise HpcshareError(f"{what}, node {node}: {answer}")
+
+    def _unlink_everywhere(self, name: str) -> None:
+        for leader in self._others().values():
+            self._request(leader, ("unlink", name))
+
+    def _on_host(self, what: str) -> str:
+        n = self.nodes_on_host
+        return what if n == 1 else f"{what} x {n} emulated nodes on this host"
+
+    def _others(self) -> dict[int, int]:
+        return {node: rank for node, rank in self.leaders.items() if node != self.topo.node_index}
+
+    def comm_(self) -> MPI.Intracomm:
+        assert self.comm is not None, "the exchange is not open"
+        return self.comm
+
+    def _request(self, leader: int, message: tuple[Any, ...]) -> None:
+        request = self.comm_().issend(message, dest=leader, tag=_REQUEST)
+        sync.wait(request, timeout=self.timeout, what=f"rank {leader} to take a put request")
+
+    # --- the leader's service thread ---
+
+    def _serve(self) -> None:
+        from mpi4py import MPI
+
+        comm = self.comm_()
+        sleep = _MIN_SLEEP
+        status = MPI.Status()
+        while not self._stop.is_set():
+            message = comm.improbe(tag=_REQUEST, status=status)
+            if message is None:
+                time.sleep(sleep)
+                sleep = min(sleep * 2, _MAX_SLEEP)
+                continue
+            sleep = _MIN_SLEEP
+            source = status.Get_source()
+            request = message.recv()
+            try:
+                answer = self._answer(source, request)
+            except Exception as exc:  # report to the putter; the service goes on
+                answer = f"{type(exc).__name__}: {exc}"
+            if answer is not None:
+                comm.send(answer, dest=source, tag=_REPLY)
+
+    def _answer(self, source: int, request: tuple[Any, ...]) -> str | None:
+        kind = request[0]
+        if kind == "check":
+            _, nbytes, what = request
+            try:
+                check_room(self.config, nbytes * self.nodes_on_host, self._on_host(what))
+            except CapacityError as exc:
+                return str(exc)
+            return "ok"
+        if kind == "data":
+            _, name, nbytes, what = request
+            return self._receive_file(source, name, nbytes, what)
+        if kind == "unlink":
+            store.release(request[1], self.generation)
+            return None
+        return f"unknown request {kind!r}"
+
+    def _receive_file(self, source: int, name: str, nbytes: int, what: str) -> str:
+        comm = self.comm_()
+        path = store.path_of(name)
+        try:
+            mm = store.create(path, nbytes, what)
+        except Exception as exc:
+            return f"{type(exc).__name__}: {exc}"
+        comm.send("ready", dest=source, tag=_REPLY)
+        try:
+            with memoryview(mm) as dest:
+                for a, b in _pieces(nbytes):
+                    request = comm.Irecv([dest[a:b], b - a, _byte()], source=source, tag=_DATA)
+                    sync.wait(request, timeout=self.timeout, what=f"rank {source} to send {what}")
+        except BaseException as exc:
+            store.release(name, self.generation)
+            return f"{type(exc).__name__}: {exc}"
+        finally:
+            mm.close()
+        return "done"
+
+
+def _byte() -> Any:
+    from mpi4py import MPI
+
+    return MPI.BYTE
+
+
+def check_room(config: JobConfig, need: int, what: str) -> None:
+    """Refuse ``need`` more bytes of shared memory on this host (local).
+
+    The limit is the smaller of the free space in the shared-memory
+    directory (less the configured headroom) and the memory the node can
+    still give (psutil's available memory, which a cgroup limit lowers).
+    """
+    import psutil
+    from dask.utils import format_bytes
+
+    shm.check_capacity(config.shm_dir, need, config.shm_headroom, what)
+    available = int(psutil.virtual_memory().available)
+    if need + config.shm_headroom > available:
+        raise CapacityError(
+            f"{what} needs {format_bytes(need)} of memory on this host, but only "
+            f"{format_bytes(available)} is available (plus {format_bytes(config.shm_headroom)} "
+            "kept free). Free objects you no longer need (hpcshare.free) or put a smaller one."
+        )

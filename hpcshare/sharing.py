@@ -1,0 +1,79 @@
+"""The runtime-sharing API: :func:`put`, :func:`submit`, :func:`free`.
+
+Objects made while the job runs (in ``main`` or in a task) are held once
+per node, like the inputs placed at launch; tasks get a small handle.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from . import store
+from .handles import Handle
+
+if TYPE_CHECKING:
+    from distributed import Client, Future
+
+__all__ = ["free", "put", "submit"]
+
+
+def put(obj: Any) -> Handle:
+    """Place ``obj`` once on every node of the job; return its handle.
+
+    Call it in ``main`` (the client rank) or in a task on one of the job's
+    workers. Returns when every node holds the object. ``obj`` is a NumPy
+    array, a pandas DataFrame or Series, or a pyarrow Table, RecordBatch,
+    Array or ChunkedArray. ``handle.resolve()`` in a task gives it back
+    zero-copy over the task's node's copy (read-only).
+
+    Raises
+    ------
+    hpcshare.CapacityError
+        Before anything is allocated, when a node's shared memory cannot hold it.
+    hpcshare.InputError
+        For types and columns that cannot live in shared memory (Python objects).
+    """
+    from .exchange import current
+
+    return current().put(obj)
+
+
+def _put_result(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Handle:
+    return put(fn(*args, **kwargs))
+
+
+def submit(client: Client, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
+    """``client.submit(fn, *args, **kwargs)``, whose result is put once per node.
+
+    The worker that runs ``fn`` puts its result; the future's value is the
+    :class:`Handle`, so ``client.map(process, [future] * n)`` sends every task
+    the handle, never the data. The task is never cached by Dask (pure=False).
+    """
+    name = getattr(fn, "__name__", "task")
+    key = f"hpcshare-put-{name}-{uuid.uuid4().hex}"
+    return client.submit(_put_result, fn, args, kwargs, key=key, pure=False)
+
+
+def free(handle: Handle) -> None:
+    """Free an object put while the job runs, on every node (call it in ``main``).
+
+    Afterwards every resolve of ``handle`` raises :class:`~hpcshare.ResolveError`
+    saying it was freed. Views a task already holds stay valid until they are
+    dropped: the files are unlinked, not unmapped, so their memory returns to
+    the node only then. Objects not freed are freed when the job ends.
+    """
+    from distributed import default_client
+
+    from .handles import ArrayHandle, ObjectHandle
+
+    if not (isinstance(handle, ObjectHandle) or (isinstance(handle, ArrayHandle) and handle.stored)):
+        raise TypeError(
+            f"hpcshare.free takes a handle from hpcshare.put or hpcshare.submit, got {handle!r}; "
+            "inputs placed at launch live until the job ends"
+        )
+    client = default_client()
+    client.run(store.release, handle.name, handle.generation)
+    client.run_on_scheduler(store.release, handle.name, handle.generation)
+    store.release(handle.name, handle.generation)

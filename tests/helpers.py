@@ -1,0 +1,122 @@
+"""Helpers shared by the tests: running commands the way a user types them, reading reports.
+
+Every subprocess runs in its own process group, bounded by a timeout that
+kills the group.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def mpiexec() -> str:
+    exe = shutil.which(
+        "mpiexec", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+    )
+    if exe is None:
+        pytest.fail(
+            "mpiexec not found: install the MPI extra (pip install -e '.[mpich]') or load your site MPI"
+        )
+    return exe
+
+
+class Run:
+    def __init__(self, args: list[str], returncode: int, stdout: str, stderr: str, seconds: float) -> None:
+        self.args, self.returncode, self.stdout, self.stderr, self.seconds = (
+            args,
+            returncode,
+            stdout,
+            stderr,
+            seconds,
+        )
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+    def __repr__(self) -> str:
+        return f"<Run rc={self.returncode} {' '.join(self.args)}>\n--- stdout\n{self.stdout}\n--- stderr\n{self.stderr}"
+
+
+def run_cmd(
+    args: list[str], *, timeout: float = 120, env: dict[str, str] | None = None, cwd: str | Path | None = None
+) -> Run:
+    """Run a command in its own process group; on timeout kill the group and fail."""
+    full_env = dict(os.environ)
+    full_env.setdefault("DASK_HPCSHARE__DASHBOARD_ADDRESS", ":0")
+    full_env.setdefault("OMP_NUM_THREADS", "1")
+    full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), full_env.get("PYTHONPATH", "")]))
+    if env:
+        full_env.update(env)
+    t = time.monotonic()
+    proc = subprocess.Popen(
+        args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=full_env,
+        cwd=cwd,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"timed out after {timeout} s: {' '.join(args)}\n--- stdout\n{out}\n--- stderr\n{err}")
+    return Run(args, proc.returncode, out, err, time.monotonic() - t)
+
+
+def hpcshare(n: int, *args: str, timeout: float = 120, **kw) -> Run:
+    """``mpiexec -n N python -m hpcshare ARGS``, as a user types it."""
+    return run_cmd([mpiexec(), "-n", str(n), sys.executable, "-m", "hpcshare", *args], timeout=timeout, **kw)
+
+
+REPORT_ROW = re.compile(
+    r"^\s*(\d+)\s+\S+\s+(\d+)\s+(\d+)\s+([\d.]+ \w?i?B)\s+([\d.]+ \w?i?B)\s+([\d.]+ \w?i?B)\s+([\d.]+ \w?i?B)",
+    re.M,
+)
+
+
+def to_bytes(text: str) -> float:
+    from dask.utils import parse_bytes
+
+    return parse_bytes(text.replace(" ", ""))
+
+
+def report_rows(output: str):
+    return [
+        {
+            "node": int(m[1]),
+            "ranks": int(m[2]),
+            "workers": int(m[3]),
+            "inputs": to_bytes(m[4]),
+            "measured": to_bytes(m[5]),
+        }
+        for m in REPORT_ROW.finditer(output)
+    ]
+
+
+def assert_clean_success(run: Run) -> None:
+    assert run.returncode == 0, run
+    assert "Traceback" not in run.output, run
+    assert "CommClosedError" not in run.output, run
+
+
+def skip_unless_available(missing: str | None, require_var: str) -> None:
+    """Skip a test whose tools are ``missing`` (the reason), or fail it where ``require_var=1`` (CI)."""
+    if missing:
+        if os.environ.get(require_var) == "1":
+            pytest.fail(f"{missing} ({require_var}=1: these tests must run here)")
+        pytest.skip(missing)

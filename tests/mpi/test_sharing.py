@@ -1,0 +1,249 @@
+"""hpcshare.put / submit / free on real ranks: 5 ranks as 2 emulated nodes.
+
+Node 0 = ranks 0-2 (scheduler, client, worker rank-2), node 1 = ranks 3-4
+(workers rank-3 and rank-4). Every test runs on every rank.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+
+import hpcshare
+from hpcshare import CapacityError, InputError, ResolveError
+
+JOB = {"quiet": True, "ranks_per_node": 3}
+TINY = {"seed": lambda: np.zeros(1)}  # run() places at least one input
+
+
+def frame(n: int = 1000) -> pd.DataFrame:
+    rng = np.random.default_rng(7)
+    return pd.DataFrame(
+        {
+            "key": np.arange(n) % 5,
+            "x": rng.random(n),
+            "flag": np.arange(n) % 3 == 0,
+            "when": pd.date_range("2024-01-01", periods=n, freq="min"),
+            "where": pd.date_range("2024-01-01", periods=n, freq="h", tz="Europe/Berlin"),
+            "lag": pd.to_timedelta(np.arange(n), unit="s"),
+            "cat": pd.Categorical(np.array(["lo", "mid", "hi"])[np.arange(n) % 3]),
+            "count": pd.array(np.where(np.arange(n) % 4 == 0, None, np.arange(n)), dtype="Int64"),
+            "name": pd.Series(np.array(["ann", "bo", "cy"])[np.arange(n) % 3]).astype("string[pyarrow]"),
+            "text": pd.Series(np.array(["x", "yy"])[np.arange(n) % 2]),  # pandas 3's default str
+        },
+        index=pd.RangeIndex(100, 100 + n),
+    )
+
+
+def create_data(n: int) -> pd.DataFrame:
+    return frame(n)
+
+
+def group_sum(h, k: int) -> float:
+    df = h.resolve()
+    return float(df.groupby("key")["x"].sum().iloc[k % 5]) * (k + 1)
+
+
+def node_file_of(h) -> str:
+    """Runs in a task: the file this process maps for ``h``, and its pid."""
+    from hpcshare import shm, store
+
+    h.resolve()
+    path = store.path_of(h.name)
+    assert path in shm.mapped_files(), "the resolved object must be a map of the node's file"
+    return path
+
+
+def transfer_totals(dask_worker):
+    return dask_worker.transfer_outgoing_bytes_total
+
+
+def test_put_from_main_and_from_a_task_on_node_1_reach_both_nodes(comm):
+    def made_on_node_1():
+        return np.arange(12.0).reshape(3, 4) * 2
+
+    def main(client, inputs):
+        a = np.asfortranarray(np.arange(24, dtype=np.int32).reshape(4, 6))
+        ha = hpcshare.put(a)
+        hb = client.submit(hpcshare.put, made_on_node_1(), workers=["rank-3"], pure=False).result()
+        seen = {
+            w: client.submit(
+                lambda h, g: (np.asarray(h).copy(), np.asarray(g).copy()), ha, hb, workers=[w], pure=False
+            ).result()
+            for w in ("rank-2", "rank-3", "rank-4")
+        }
+        files = {
+            w: client.submit(node_file_of, hb, workers=[w], pure=False).result() for w in ("rank-2", "rank-4")
+        }
+        return a, ha, hb, seen, files
+
+    result = hpcshare.run(main, TINY, **JOB)
+    if comm.rank == 1:
+        a, ha, hb, seen, files = result
+        assert isinstance(ha, hpcshare.Handle) and ha.shape == (4, 6) and ha.order == "F"
+        assert isinstance(hb, hpcshare.ArrayHandle) and hb.name.startswith("p3x")  # put on rank 3
+        assert len(pickle.dumps(ha)) < 512
+        for got_a, got_b in seen.values():
+            assert np.array_equal(got_a, a) and np.array_equal(got_b, np.arange(12.0).reshape(3, 4) * 2)
+        assert files["rank-2"].endswith("-n0") and files["rank-4"].endswith("-n1")  # one file per node
+
+
+def test_the_seed_pattern_through_submit_moves_no_data_between_workers(comm):
+    n = 200_000  # about 10 MB: any copy between workers would show
+
+    def main(client, inputs):
+        data = hpcshare.submit(client, create_data, n)
+        futures = client.map(group_sum, [data] * 24, range(24), pure=False)
+        sums = client.gather(futures)
+        moved = client.run(transfer_totals)
+        return data.result(), sums, moved
+
+    result = hpcshare.run(main, TINY, **JOB)
+    if comm.rank == 1:
+        handle, sums, moved = result
+        df = frame(n)
+        assert isinstance(handle, hpcshare.ObjectHandle) and handle.nbytes > 5 * 2**20
+        assert len(pickle.dumps(handle)) < 4096
+        assert sums == pytest.approx(
+            [float(df.groupby("key")["x"].sum().iloc[k % 5]) * (k + 1) for k in range(24)]
+        )
+        assert sum(moved.values()) < 2**20, moved  # task results and handles only
+
+
+def test_frames_and_arrow_objects_round_trip_and_writes_stay_private(comm):
+    table = pa.table(
+        {
+            "id": pa.array(np.arange(50)),
+            "tags": pa.array([["a", "b"][: i % 3] for i in range(50)]),
+            "point": pa.array([{"x": float(i), "y": -i} for i in range(50)]),
+            "word": pa.array([f"w{i}" for i in range(50)]).dictionary_encode(),
+        }
+    )
+
+    def writes(h):
+        df = h.resolve()
+        df.loc[df.index[0], "x"] = -1.0  # pandas copy-on-write: only this task's copy
+        df["new"] = 1
+        return float(df["x"].iloc[0])
+
+    def first_x(h):
+        return float(h.resolve()["x"].iloc[0])
+
+    def read_only(h):
+        df = h.resolve()
+        return all(not np.asarray(df[c]).flags.writeable for c in ("x", "key"))
+
+    def main(client, inputs):
+        df, s = frame(), frame()["name"]
+        handles = [
+            hpcshare.put(o)
+            for o in (
+                df,
+                s,
+                table,
+                table.to_batches()[0],
+                table.column("tags"),
+                table.column("point").chunk(0),
+            )
+        ]
+        back = client.gather(
+            [client.submit(lambda h: h.resolve(), h, workers=["rank-3"], pure=False) for h in handles]
+        )
+        wrote = client.submit(writes, handles[0], workers=["rank-2"], pure=False).result()
+        after = [
+            client.submit(first_x, handles[0], workers=[w], pure=False).result() for w in ("rank-2", "rank-3")
+        ]
+        ro = client.submit(read_only, handles[0], workers=["rank-4"], pure=False).result()
+        return df, s, back, wrote, after, ro
+
+    result = hpcshare.run(main, TINY, **JOB)
+    if comm.rank == 1:
+        df, s, back, wrote, after, ro = result
+        pd.testing.assert_frame_equal(back[0], df)
+        pd.testing.assert_series_equal(back[1], s)
+        assert back[2].equals(table) and isinstance(back[2], pa.Table)
+        assert back[3].equals(table.to_batches()[0]) and isinstance(back[3], pa.RecordBatch)
+        assert back[4].equals(table.column("tags")) and isinstance(back[4], pa.ChunkedArray)
+        assert back[5].equals(table.column("point").chunk(0)) and isinstance(back[5], pa.Array)
+        assert wrote == -1.0
+        assert after == [df["x"].iloc[0]] * 2  # the shared frame is unchanged on both nodes
+        assert ro
+
+
+def test_free_fails_later_resolves_on_both_nodes_but_a_held_view_keeps_its_values(comm):
+    def hold(h):
+        from distributed import get_worker
+
+        get_worker()._hpcshare_test_view = h.resolve()  # a view a task keeps across free
+        return True
+
+    def held_sum():
+        from distributed import get_worker
+
+        return float(get_worker()._hpcshare_test_view.sum())
+
+    def resolve_sum(h):
+        return float(np.asarray(h).sum())
+
+    def main(client, inputs):
+        h = hpcshare.put(np.arange(1000.0))
+        assert client.submit(hold, h, workers=["rank-3"], pure=False).result()
+        hpcshare.free(h)
+        errors = []
+        for w in ("rank-2", "rank-3"):
+            try:
+                client.submit(resolve_sum, h, workers=[w], pure=False).result()
+                errors.append(None)
+            except ResolveError as exc:
+                errors.append(str(exc))
+        try:
+            h.resolve()
+            errors.append(None)
+        except ResolveError as exc:
+            errors.append(str(exc))
+        kept = client.submit(held_sum, workers=["rank-3"], pure=False).result()
+        left = [n for n in os.listdir("/dev/shm") if n.startswith(f"hpcshare-{h.generation}-{h.name}-")]
+        return errors, kept, left
+
+    result = hpcshare.run(main, TINY, **JOB)
+    if comm.rank == 1:
+        errors, kept, left = result
+        assert all(e is not None and "freed" in e for e in errors), errors
+        assert kept == np.arange(1000.0).sum()
+        assert left == []  # every node's file is unlinked
+
+
+def test_a_put_too_large_for_shared_memory_is_refused_before_anything_is_allocated(comm):
+    free = shutil.disk_usage("/dev/shm").free
+    headroom = max(free - 32 * 2**20, 0)  # leaves room for the tiny input, not for 64 MiB more
+
+    def main(client, inputs):
+        with pytest.raises(CapacityError) as info:
+            hpcshare.put(np.zeros(8 * 2**20))  # 64 MiB
+        left = [n for n in os.listdir("/dev/shm") if n.startswith(f"hpcshare-{inputs['seed'].generation}-")]
+        return str(info.value), left
+
+    result = hpcshare.run(main, TINY, shm_headroom=headroom, **JOB)
+    if comm.rank == 1:
+        message, left = result
+        assert "numpy float64 array" in message.lower() or "float64 array" in message, message
+        assert "64.00 MiB" in message and "free" in message, message
+        assert left == []
+
+
+def test_python_objects_are_refused_naming_the_column(comm):
+    def main(client, inputs):
+        bad = pd.DataFrame({"ok": [1, 2], "payload": [{"a": 1}, None]})
+        with pytest.raises(InputError, match=r"column 'payload'.*object"):
+            hpcshare.put(bad)
+        with pytest.raises(InputError, match=r"cannot share builtins\.dict"):
+            hpcshare.put({"a": 1})
+        return True
+
+    assert hpcshare.run(main, TINY, **JOB) == (True if comm.rank == 1 else None)
