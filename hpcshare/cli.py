@@ -109,7 +109,9 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         type=_input,
         metavar="NAME=SOURCE",
-        help="an input: path.npy, path.h5:/dataset, module:function or path.py:function (repeatable)",
+        help="an input: path.npy, path.h5:/dataset, module:function, path.py:function, or a "
+        "table: path.parquet, path.csv, path.arrow (as a DataFrame; path.arrow:table as an Arrow table) "
+        "(repeatable)",
     )
     job.add_argument(
         "--ranks-per-node", type=_positive, metavar="K", help="emulate nodes of K ranks on one machine"

@@ -30,7 +30,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 
 from . import sync
 from .errors import HpcshareError, JobFailed
-from .handles import ArrayHandle, registered_views
+from .handles import Handle, registered_views
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -214,7 +214,7 @@ def _dashboard_hint(client: Client) -> str:
 
 
 def _call_main(
-    main: MainFunction, client: Client, handles: Mapping[str, ArrayHandle]
+    main: MainFunction, client: Client, handles: Mapping[str, Handle]
 ) -> tuple[Any, BaseException | None]:
     """``main(client, handles)``; what it raised, SystemExit and Ctrl-C included, as a JobFailed."""
     try:
@@ -241,7 +241,7 @@ def _stop(client: Client) -> None:
 
 
 def client_main(
-    main: MainFunction, handles: Mapping[str, ArrayHandle], n_workers: int, config: JobConfig
+    main: MainFunction, handles: Mapping[str, Handle], n_workers: int, config: JobConfig
 ) -> tuple[Any, BaseException | None]:
     """Run ``main`` on the client rank, then shut the cluster down (local, on the client rank)."""
     from distributed import Client
@@ -290,7 +290,7 @@ class DaskCluster:
         if self._address is None:
             dask.config.config.pop("scheduler-address", None)
 
-    def run(self, main: MainFunction, handles: Mapping[str, ArrayHandle]) -> tuple[Any, BaseException | None]:
+    def run(self, main: MainFunction, handles: Mapping[str, Handle]) -> tuple[Any, BaseException | None]:
         """Scheduler, client running ``main``, or worker, until Dask stops (collective on world).
 
         Returns ``main``'s result and error on the client rank, and an error

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from mpi4py import MPI
 
     from .config import JobConfig
+    from .loaders import TableSource
     from .topology import Topology
 
 __all__ = ["Exchange", "current"]
@@ -137,7 +138,19 @@ class Exchange:
 
     def put(self, obj: Any) -> Handle:
         """Place ``obj`` once on every node; return its handle (local to this rank, point-to-point)."""
-        enc = codec.encode(obj)
+        return self.put_encoded(codec.encode(obj))
+
+    def put_source(self, source: TableSource) -> Handle:
+        """Place a launch-time table input; an Arrow IPC file read as a table goes in as its bytes."""
+        try:
+            if source.as_table and source.arrow_file:
+                return self.put_encoded(codec.encode_arrow_file(source.path))
+            return self.put_encoded(codec.encode(source.load()))
+        except (codec.Refused, CapacityError) as exc:
+            raise type(exc)(f"input {source.name!r} ({source.text}): {exc}") from exc
+
+    def put_encoded(self, enc: codec.Encoded) -> Handle:
+        """Place an encoded object once on every node (local to this rank, point-to-point)."""
         if not self.threads_ok and len(self.leaders) > 1:
             raise HpcshareError(
                 "hpcshare.put across nodes needs MPI_THREAD_MULTIPLE, which this MPI library "
@@ -155,8 +168,7 @@ class Exchange:
                 self._unlink_everywhere(name)
                 store.release(name, self.generation)
                 raise
-            obj_here = codec.decode(view)
-            store.remember(name, self.generation, obj_here)
+            obj_here = _keep_mapped(name, self.generation, view)
             logger.debug("%s: on %d node(s) in %.3f s", what, len(self.leaders), time.perf_counter() - t)
         return self._handle(name, enc, obj_here)
 
@@ -188,9 +200,9 @@ class Exchange:
         try:
             with memoryview(mm) as dest:
                 enc.write_into(dest)
+            return store.map_readonly(path)  # mapped before the writable map goes (see _keep_mapped)
         finally:
             mm.close()
-        return store.map_readonly(path)
 
     def _send_everywhere(self, name: str, view: memoryview, what: str) -> None:
         """The bytes once to each other node's leader, all nodes at once (point-to-point)."""
@@ -287,12 +299,25 @@ class Exchange:
                 for a, b in _pieces(nbytes):
                     request = comm.Irecv([dest[a:b], b - a, _byte()], source=source, tag=_DATA)
                     sync.wait(request, timeout=self.timeout, what=f"rank {source} to send {what}")
+            _keep_mapped(name, self.generation, store.map_readonly(path))
         except BaseException as exc:
             store.release(name, self.generation)
             return f"{type(exc).__name__}: {exc}"
         finally:
             mm.close()
         return "done"
+
+
+def _keep_mapped(name: str, generation: str, view: memoryview) -> Any:
+    """Decode a node file and cache it here, so that this process maps the file until it is freed.
+
+    A live file must always be mapped by someone: tools that sweep /dev/shm
+    of files no process maps (``hpcshare bench``, test fixtures, site
+    scripts) would otherwise take a file no task has resolved yet.
+    """
+    obj = codec.decode(view)
+    store.remember(name, generation, obj)
+    return obj
 
 
 def _byte() -> Any:

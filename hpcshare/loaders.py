@@ -25,7 +25,18 @@ import numpy as np
 from .errors import InputError
 from .importing import import_file
 
-__all__ = ["ArrayMeta", "Fill", "Source", "check_dtype", "check_shape", "source_for", "split_range"]
+__all__ = [
+    "TABLE_SUFFIXES",
+    "ArrayMeta",
+    "Fill",
+    "Source",
+    "TableSource",
+    "check_dtype",
+    "check_shape",
+    "source_for",
+    "split_range",
+    "table_source_for",
+]
 
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".he5", ".nc", ".nc4")
 _NAME_OK = "letters, digits, '_', '-' and '.'"
@@ -401,3 +412,89 @@ def source_for(name: str, text: Any) -> Source:
         f"input {name!r}: cannot tell what kind of source {text!r} is. Use path.npy, "
         "path.h5:/dataset, module:function or path.py:function"
     )
+
+
+# --- tables: DataFrames and Arrow tables placed at launch (hpcshare.put's path) ------
+
+ARROW_FILE_SUFFIXES = (".arrow", ".feather", ".ipc")
+TABLE_SUFFIXES = (".parquet", ".pq", ".csv", *ARROW_FILE_SUFFIXES)
+_AS_TABLE = ":table"
+
+
+@dataclasses.dataclass(frozen=True)
+class TableSource:
+    """An input read as a pandas DataFrame (or, with ``:table``, an Arrow table).
+
+    Placed once per node after MPI is up, through the same path as
+    :func:`hpcshare.put`. Arrow IPC files read as tables are copied straight
+    into shared memory; Parquet, CSV, and DataFrames made from Arrow files
+    pass through the reading rank's private memory once.
+    """
+
+    name: str
+    path: str
+    text: str
+    as_table: bool
+
+    @property
+    def arrow_file(self) -> bool:
+        return self.path.lower().endswith(ARROW_FILE_SUFFIXES)
+
+    def _fail(self, exc: BaseException) -> InputError:
+        return InputError(f"input {self.name!r} ({self.text}): {type(exc).__name__}: {exc}")
+
+    def check(self) -> None:
+        """Refuse a missing file or missing pandas/pyarrow before anything starts (local)."""
+        if not os.path.isfile(self.path):
+            raise InputError(f"input {self.name!r}: {self.path!r} does not exist or is not a file")
+        try:
+            import pyarrow  # noqa: F401
+
+            if not self.as_table:
+                import pandas  # noqa: F401
+        except ImportError as exc:
+            raise InputError(
+                f"input {self.name!r}: reading {self.text!r} needs pandas and pyarrow: "
+                "pip install 'hpcshare[dataframe]'"
+            ) from exc
+
+    def load(self) -> Any:
+        """The DataFrame or Arrow table, in this process's memory (local)."""
+        try:
+            return self._load()
+        except InputError:
+            raise
+        except Exception as exc:
+            raise self._fail(exc) from exc
+
+    def _load(self) -> Any:
+        import pyarrow as pa
+
+        lower = self.path.lower()
+        if lower.endswith(ARROW_FILE_SUFFIXES):
+            with pa.memory_map(self.path) as f:
+                table = pa.ipc.open_file(f).read_all()
+        elif lower.endswith(".csv"):
+            import pyarrow.csv
+
+            table = pyarrow.csv.read_csv(self.path)
+        else:
+            import pyarrow.parquet
+
+            table = pyarrow.parquet.read_table(self.path)
+        if self.as_table:
+            return table
+        return table.to_pandas()
+
+
+def table_source_for(name: str, text: Any) -> TableSource | None:
+    """A :class:`TableSource` if ``text`` names a Parquet, Arrow IPC or CSV file, else None (local)."""
+    if isinstance(text, os.PathLike):
+        text = os.fspath(text)
+    if not isinstance(text, str):
+        return None
+    path, as_table = (text[: -len(_AS_TABLE)], True) if text.endswith(_AS_TABLE) else (text, False)
+    if not path.lower().endswith(TABLE_SUFFIXES):
+        return None
+    _valid_name(name)
+    return TableSource(name, path, text, as_table)

@@ -20,8 +20,9 @@ from . import shm, store, sync
 from .cluster import DaskCluster
 from .config import JobConfig
 from .exchange import Exchange
+from .handles import Handle
 from .importing import MainFunction, load_main
-from .loaders import Source, source_for
+from .loaders import Source, TableSource, source_for, table_source_for
 from .log import install_handler
 from .placement import PlacementStats, place_inputs
 from .report import print_report
@@ -54,7 +55,7 @@ def _preflight(
     main: MainFunction | str | os.PathLike[str] | None,
     inputs: Mapping[str, Any] | None,
     options: Mapping[str, Any],
-) -> tuple[JobConfig, MainFunction, list[Source]]:
+) -> tuple[JobConfig, MainFunction, list[Source], list[TableSource]]:
     """Config, world size, the job's main, the sources; agreed before any MPI object exists (collective)."""
     if main is None:  # the demo job, on its default input unless one named "data" is given
         from .demo import demo_job
@@ -64,8 +65,24 @@ def _preflight(
         config = JobConfig.from_options(**options)
         check_world(world)
         job = load_main(main)
-        sources = [source_for(name, src) for name, src in (inputs or {}).items()]
-    return config, job, sources
+        tables = [t for name, src in (inputs or {}).items() if (t := table_source_for(name, src))]
+        for t in tables:
+            t.check()
+        named = {t.name for t in tables}
+        sources = [source_for(name, src) for name, src in (inputs or {}).items() if name not in named]
+    return config, job, sources, tables
+
+
+def _place_tables(topo: Topology, exchange: Exchange, tables: list[TableSource]) -> dict[str, Handle]:
+    """DataFrame and Arrow inputs: read on the client rank, put once per node (collective on world)."""
+    if not tables:
+        return {}
+    placed: dict[str, Handle] | None = None
+    with sync.Collective(topo.world):
+        if topo.rank == CLIENT_RANK:
+            placed = {t.name: exchange.put_source(t) for t in tables}
+    result: dict[str, Handle] = sync.bcast(topo.world, placed, root=CLIENT_RANK)
+    return result
 
 
 def _end_of_job_report(
@@ -141,7 +158,7 @@ def run(
 
     world = MPI.COMM_WORLD if comm is None else comm
     install_handler(only_if_unconfigured=True)
-    config, job, sources = _preflight(world, main, inputs, options)
+    config, job, sources, tables = _preflight(world, main, inputs, options)
     with contextlib.ExitStack() as stack:
         topo = stack.enter_context(Topology.create(world, config.ranks_per_node))
         generation = sync.bcast(world, uuid.uuid4().hex[:12] if topo.rank == 0 else None)
@@ -152,9 +169,10 @@ def run(
         if on_placed is not None:
             with sync.Collective(world):
                 on_placed(placement.stats)
-        stack.enter_context(Exchange(topo, config, generation))  # hpcshare.put while the job runs
+        exchange = stack.enter_context(Exchange(topo, config, generation))  # hpcshare.put from here on
+        handles = {**placement.handles, **_place_tables(topo, exchange, tables)}
         with DaskCluster(topo, config, placement.nbytes) as cluster:
-            result, error = cluster.run(job, placement.handles)
+            result, error = cluster.run(job, handles)
         _end_of_job_report(topo, placement.nbytes, len(placement.inputs), config, generation, error)
     sync.agree(world, error)
     return result if topo.rank == CLIENT_RANK else None

@@ -66,7 +66,7 @@ _lock = threading.RLock()
 _objects: dict[str, tuple[str, Any]] = {}  # name -> (generation, the decoded object) of pandas and Arrow
 _arrays: dict[str, str] = {}  # name -> generation of put arrays registered with hpcshare.handles
 _handed_out: dict[int, weakref.ref[Any]] = {}  # id -> object, for Dask's sizeof
-_maps: set[int] = set()  # ids of this process's read-only maps of node files
+_maps: weakref.WeakSet[mmap.mmap] = weakref.WeakSet()  # this process's read-only maps of node files
 _wrapped: set[type] = set()
 
 
@@ -178,7 +178,7 @@ def map_readonly(path: str) -> memoryview:
         mm = mmap.mmap(fd, size, prot=mmap.PROT_READ)
     finally:
         os.close(fd)
-    _maps.add(id(mm))
+    _maps.add(mm)
     return memoryview(mm)
 
 
@@ -277,7 +277,9 @@ def _is_node_shared(obj: Any) -> bool:
         base: Any = obj
         while isinstance(base, np.ndarray):
             base = base.base
-        return isinstance(base, memoryview) and id(base.obj) in _maps
+        if isinstance(base, memoryview):
+            base = base.obj
+        return isinstance(base, mmap.mmap) and base in _maps
     return False
 
 

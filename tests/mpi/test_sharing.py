@@ -247,3 +247,74 @@ def test_python_objects_are_refused_naming_the_column(comm):
         return True
 
     assert hpcshare.run(main, TINY, **JOB) == (True if comm.rank == 1 else None)
+
+
+def test_parquet_arrow_and_csv_inputs_are_placed_once_per_node(comm, shared_dir):
+    df = pd.DataFrame(
+        {"k": np.arange(300) % 7, "v": np.arange(300.0), "s": np.array(["a", "bb", "c"])[np.arange(300) % 3]}
+    )
+    if comm.rank == 0:
+        import pyarrow.feather
+
+        df.to_parquet(shared_dir / "t.parquet")
+        df.to_csv(shared_dir / "t.csv", index=False)
+        pyarrow.feather.write_feather(
+            pa.Table.from_pandas(df, preserve_index=False), shared_dir / "t.arrow", compression="uncompressed"
+        )
+    comm.Barrier()
+    inputs = {
+        "pq": shared_dir / "t.parquet",
+        "csv": str(shared_dir / "t.csv"),
+        "frame": str(shared_dir / "t.arrow"),
+        "table": f"{shared_dir}/t.arrow:table",
+    }
+
+    def main(client, handles):
+        got = {
+            name: client.submit(lambda h: h.resolve(), h, workers=["rank-4"], pure=False).result()
+            for name, h in handles.items()
+        }
+        files = client.submit(node_file_of, handles["table"], workers=["rank-3"], pure=False).result()
+        return got, files
+
+    result = hpcshare.run(main, inputs, **JOB)
+    if comm.rank == 1:
+        got, files = result
+        for name in ("pq", "csv", "frame"):
+            pd.testing.assert_frame_equal(got[name], df, check_dtype=False)
+            assert list(got[name].dtypes.astype(str))[:2] == ["int64", "float64"]
+        assert isinstance(got["table"], pa.Table) and got["table"].equals(
+            pa.Table.from_pandas(df, preserve_index=False)
+        )
+        assert files.endswith("-n1")
+
+
+def test_a_missing_table_file_fails_every_rank_with_its_name(comm, shared_dir):
+    with pytest.raises(InputError, match=r"input 'events'.*does not exist"):
+        hpcshare.run(lambda c, i: None, {"events": shared_dir / "nope.parquet"}, **JOB)
+
+
+def test_dask_counts_node_shared_objects_as_small(comm):
+    def sizes(h):
+        from dask.sizeof import sizeof
+
+        obj = h.resolve()
+        private = obj.copy() if hasattr(obj, "copy") else obj
+        return (
+            sizeof(h),
+            sizeof(obj),
+            sizeof(np.array(private) if isinstance(private, np.ndarray) else private),
+        )
+
+    def main(client, inputs):
+        objects = (frame(100_000), np.arange(1_000_000.0), pa.table({"x": np.arange(1_000_000)}))
+        return [
+            client.submit(sizes, hpcshare.put(o), workers=["rank-3"], pure=False).result() for o in objects
+        ]
+
+    result = hpcshare.run(main, TINY, **JOB)
+    if comm.rank == 1:
+        for handle_size, shared_size, private_size in result[:2]:
+            assert handle_size < 1024 and shared_size < 1024, result  # not this worker's memory
+            assert private_size > 10**6, result  # a private copy still counts in full
+        assert result[2][0] < 1024 and result[2][1] < 1024, result
