@@ -410,7 +410,8 @@ def source_for(name: str, text: Any) -> Source:
         return FunctionSource(name, path, rest, text)
     raise InputError(
         f"input {name!r}: cannot tell what kind of source {text!r} is. Use path.npy, "
-        "path.h5:/dataset, module:function or path.py:function"
+        "path.h5:/dataset, module:function or path.py:function, or a table: path.parquet, "
+        "path.csv, path.arrow (path.arrow:table for an Arrow table)"
     )
 
 

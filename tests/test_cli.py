@@ -112,7 +112,7 @@ def test_a_failing_main_prints_one_traceback_and_fails_fast(tmp_path):
             "dataset '/grid/nope' does not exist in '{d}/d.h5'; datasets there: /grid/values",
         ),
         (["--input", "x={d}/d.h5:/text"], "input 'x' ({d}/d.h5:/text) has dtype object"),
-        (["--input", "x={d}/table.csv"], "cannot tell what kind of source"),
+        (["--input", "x={d}/sheet.xlsx"], "cannot tell what kind of source"),
         (["--input", "x=no_such_module_xyz:make"], "cannot import module 'no_such_module_xyz'"),
         (["--demo-size", "100TiB"], "need 100.00 TiB of shared memory on this host, but /dev/shm has"),
     ],
