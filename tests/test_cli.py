@@ -212,6 +212,7 @@ def test_ctrl_c_stops_the_job_at_once_and_cleans_up(clean_shm):
     import signal
     import subprocess
     import threading
+    import time
 
     from helpers import mpiexec
 
@@ -235,7 +236,10 @@ def test_ctrl_c_stops_the_job_at_once_and_cleans_up(clean_shm):
     stderr_reader.start()
     try:
         # the tasks are running (placement done, Dask up): the job is in its long part
-        while (line := lines.get(timeout=120)) is not None and "demo: 16 tasks on" not in line:
+        deadline = time.monotonic() + 120  # for all lines together, not each
+        while (line := lines.get(timeout=max(0.0, deadline - time.monotonic()))) is not None and (
+            "demo: 16 tasks on" not in line
+        ):
             pass
         assert line is not None, f"the job ended before its tasks ran: {''.join(err)}"
         proc.send_signal(signal.SIGINT)  # what Ctrl-C in the terminal sends mpiexec
