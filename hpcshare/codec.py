@@ -59,7 +59,8 @@ class Encoded:
     header: bytes  #: the prefix and the pickled header, written at offset 0
     offsets: list[int]  #: where each part starts
     sizes: list[int]  #: each part's bytes
-    writers: list[Callable[[memoryview], None]]  #: each writes its part into a buffer of its size
+    #: each writes its part into a buffer of its size, calling ``done(n)`` when its first n bytes are final
+    writers: list[Callable[[memoryview, Callable[[int], None]], None]]
     summary: str  #: what it is, for messages: "DataFrame 2000000 x 11"
 
     @property
@@ -69,17 +70,35 @@ class Encoded:
             max([len(self.header), *(o + s for o, s in zip(self.offsets, self.sizes, strict=True))])
         )
 
-    def write_into(self, dest: memoryview) -> None:
-        """Write the file's bytes into ``dest`` (writable, at least :attr:`nbytes` long)."""
+    def write_into(self, dest: memoryview, written: Callable[[int], None] | None = None) -> None:
+        """Write the file's bytes into ``dest`` (writable, at least :attr:`nbytes` long).
+
+        ``written(n)``, if given, is called as the writing goes: the first n
+        bytes of ``dest`` are final (a put sends them on while the rest is written).
+        """
         dest[: len(self.header)] = self.header
         for offset, size, writer in zip(self.offsets, self.sizes, self.writers, strict=True):
             if size:
-                writer(dest[offset : offset + size])
+                writer(dest[offset : offset + size], _progress_at(offset, written))
+        if written is not None:
+            written(len(dest))
 
 
-def _copier(src: memoryview) -> Callable[[memoryview], None]:
-    def write(dest: memoryview) -> None:
-        np.copyto(np.frombuffer(dest, np.uint8), np.frombuffer(src, np.uint8))
+def _progress_at(offset: int, written: Callable[[int], None] | None) -> Callable[[int], None]:
+    if written is None:
+        return lambda n: None
+    return lambda n: written(offset + n)
+
+
+COPY_STEP = 64 << 20  # a copy reports its progress every this many bytes
+
+
+def _copier(src: memoryview) -> Callable[[memoryview, Callable[[int], None]], None]:
+    def write(dest: memoryview, done: Callable[[int], None]) -> None:
+        into, data = np.frombuffer(dest, np.uint8), np.frombuffer(src, np.uint8)
+        for a in range(0, len(data), COPY_STEP):
+            np.copyto(into[a : a + COPY_STEP], data[a : a + COPY_STEP])
+            done(min(a + COPY_STEP, len(data)))
 
     return write
 
@@ -257,7 +276,7 @@ def _encode_arrow(obj: Any) -> Encoded:
         w.write(data)
     size = sink.size()
 
-    def write(dest: memoryview) -> None:
+    def write(dest: memoryview, done: Callable[[int], None]) -> None:
         with pa.ipc.new_stream(pa.FixedSizeBufferWriter(pa.py_buffer(dest)), data.schema) as w:
             w.write(data)
 
@@ -294,14 +313,15 @@ def encode_arrow_file(path: str) -> Encoded:
         rows = sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
     size = os.path.getsize(path)
 
-    def write(dest: memoryview) -> None:
+    def write(dest: memoryview, done: Callable[[int], None]) -> None:
         with open(path, "rb") as f:
-            done = 0
-            while done < size:
-                n = f.readinto(dest[done:])
+            have = 0
+            while have < size:
+                n = f.readinto(dest[have : have + COPY_STEP])
                 if not n:
                     raise OSError(f"{path} shrank while it was being read")
-                done += n
+                have += n
+                done(have)
 
     return _build("arrow-file", {"what": "Table"}, [size], [write], f"Arrow Table of {rows} rows from {path}")
 

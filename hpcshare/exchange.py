@@ -13,8 +13,10 @@ mixes with anyone else's), per other node:
 1. ``check``: the leader says whether its shared memory has room; any
    refusal ends the put before anything is allocated anywhere;
 2. ``data``: the leader creates and allocates the file and answers
-   ``ready``; the putter sends the bytes in pieces; the leader answers
-   ``done`` once they are in;
+   ``ready``; once every node is ready the putter says ``go`` (or
+   ``abort`` if one was not) and sends the bytes in pieces, each as soon as
+   it is written into the putter's own file (writing here and receiving
+   there overlap); the leader answers ``done`` once they are in;
 3. on any failure the putter sends ``unlink`` to every node it reached and
    removes its own file: nothing is left behind.
 
@@ -25,6 +27,7 @@ Every wait is idle (short, growing sleeps; no spinning) and bounded by
 from __future__ import annotations
 
 import itertools
+import mmap
 import threading
 import time
 from typing import TYPE_CHECKING, Any
@@ -45,7 +48,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Exchange", "current"]
 
-_REQUEST, _REPLY, _DATA = 1, 2, 3  # tags
+_REQUEST, _REPLY, _DATA, _GO = 1, 2, 3, 4  # tags
 _PIECE = 64 * 2**20  # bytes per message: well under MPI's 2**31 count limit
 _MIN_SLEEP, _MAX_SLEEP = 50e-6, 5e-3
 
@@ -161,13 +164,22 @@ class Exchange:
             what = f"hpcshare.put of {enc.summary} ({format_bytes(enc.nbytes)})"
             t = time.perf_counter()
             self._check_room(enc.nbytes, what)
-            view = self._write_here(name, enc, what)
+            path = store.path_of(name)
+            self._announce(name, enc.nbytes, what)  # the other nodes allocate while this one does
             try:
-                self._send_everywhere(name, view, what)
+                mm = store.create(path, enc.nbytes, what)
+            except BaseException:
+                self._go(what, abort=True)
+                raise
+            try:
+                self._go(what)
+                view = self._write_and_send(path, mm, enc, what)
             except BaseException:
                 self._unlink_everywhere(name)
                 store.release(name, self.generation)
                 raise
+            finally:
+                store.close_writable(mm)
             obj_here = _keep_mapped(name, self.generation, view)
             logger.debug("%s: on %d node(s) in %.3f s", what, len(self.leaders), time.perf_counter() - t)
         return self._handle(name, enc, obj_here)
@@ -194,37 +206,44 @@ class Exchange:
         if refusals:
             raise CapacityError("; ".join(refusals))
 
-    def _write_here(self, name: str, enc: codec.Encoded, what: str) -> memoryview:
-        path = store.path_of(name)
-        mm = store.create(path, enc.nbytes, what)
-        try:
-            with memoryview(mm) as dest:
-                enc.write_into(dest)
-            return store.map_readonly(path)  # mapped before the writable map goes (see _keep_mapped)
-        finally:
-            mm.close()
+    def _announce(self, name: str, nbytes: int, what: str) -> None:
+        """Ask every other node's leader to create the file (they answer, :meth:`_go` reads it)."""
+        for leader in self._others().values():
+            self._request(leader, ("data", name, nbytes, what))
 
-    def _send_everywhere(self, name: str, view: memoryview, what: str) -> None:
-        """The bytes once to each other node's leader, all nodes at once (point-to-point)."""
+    def _go(self, what: str, abort: bool = False) -> None:
+        """Every other node's answer to :meth:`_announce`; then ``go`` to all, or ``abort`` (point-to-point)."""
         others = self._others()
         comm = self.comm_()
-        for leader in others.values():
-            self._request(leader, ("data", name, len(view), what))
+        refusals = []
         for node, leader in others.items():
             answer = _receive(comm, leader, _REPLY, self.timeout, f"node {node}'s leader to allocate")
             if answer != "ready":
-                raise CapacityError(f"{what}, node {node}: {answer}")
-        requests = [
-            comm.Isend([view[a:b], b - a, _byte()], dest=leader, tag=_DATA)
-            for leader in others.values()
-            for a, b in _pieces(len(view))
-        ]
-        for request in requests:
-            sync.wait(request, timeout=self.timeout, what=f"the other nodes to receive {what}")
-        for node, leader in others.items():
-            answer = _receive(comm, leader, _REPLY, self.timeout, f"node {node}'s leader to store it")
-            if answer != "done":
-                raise HpcshareError(f"{what}, node {node}: {answer}")
+                refusals.append(f"node {node}: {answer}")
+        for leader in others.values():
+            comm.send("abort" if refusals or abort else "go", dest=leader, tag=_GO)
+        if refusals:
+            raise CapacityError(f"{what}: {'; '.join(refusals)}")
+
+    def _write_and_send(self, path: str, mm: mmap.mmap, enc: codec.Encoded, what: str) -> memoryview:
+        """Write this node's file, sending each piece to the other nodes as soon as it is written."""
+        with memoryview(mm) as dest:
+            others = self._others()
+            if not others:
+                enc.write_into(dest)
+            else:
+                sender = _Sender(self.comm_(), list(others.values()), dest, self.timeout, what)
+                try:
+                    enc.write_into(dest, sender.written)
+                finally:  # after a failure too: the leaders wait for every piece
+                    sender.finish()
+                for node, leader in others.items():
+                    answer = _receive(
+                        self.comm_(), leader, _REPLY, self.timeout, f"node {node}'s leader to store it"
+                    )
+                    if answer != "done":
+                        raise HpcshareError(f"{what}, node {node}: {answer}")
+        return store.map_readonly(path)  # mapped before the writable map goes (see _keep_mapped)
 
     def _unlink_everywhere(self, name: str) -> None:
         for leader in self._others().values():
@@ -286,26 +305,66 @@ class Exchange:
             return None
         return f"unknown request {kind!r}"
 
-    def _receive_file(self, source: int, name: str, nbytes: int, what: str) -> str:
+    def _receive_file(self, source: int, name: str, nbytes: int, what: str) -> str | None:
         comm = self.comm_()
         path = store.path_of(name)
         try:
             mm = store.create(path, nbytes, what)
         except Exception as exc:
             return f"{type(exc).__name__}: {exc}"
-        comm.send("ready", dest=source, tag=_REPLY)
         try:
+            comm.send("ready", dest=source, tag=_REPLY)
+            if _receive(comm, source, _GO, self.timeout, f"rank {source} to send {what}") != "go":
+                store.release(name, self.generation)  # another node had no room: nothing comes
+                return None
             with memoryview(mm) as dest:
-                for a, b in _pieces(nbytes):
-                    request = comm.Irecv([dest[a:b], b - a, _byte()], source=source, tag=_DATA)
+                requests = [
+                    comm.Irecv([dest[a:b], b - a, _byte()], source=source, tag=_DATA)
+                    for a, b in _pieces(nbytes)
+                ]
+                for request in requests:
                     sync.wait(request, timeout=self.timeout, what=f"rank {source} to send {what}")
+                del requests
             _keep_mapped(name, self.generation, store.map_readonly(path))
         except BaseException as exc:
             store.release(name, self.generation)
             return f"{type(exc).__name__}: {exc}"
         finally:
-            mm.close()
+            store.close_writable(mm)
         return "done"
+
+
+class _Sender:
+    """Sends a file's bytes to other nodes' leaders, piece by piece, as they are written."""
+
+    def __init__(self, comm: MPI.Intracomm, leaders: list[int], data: memoryview, timeout: float, what: str):
+        self.comm, self.leaders, self.data = comm, leaders, data
+        self.timeout, self.what = timeout, what
+        self.pieces = _pieces(len(data))
+        self.posted = 0  #: pieces whose sends are posted
+        self.requests: list[MPI.Request] = []
+
+    def written(self, n: int) -> None:
+        """The first ``n`` bytes are final: send every whole piece among them, and let MPI progress."""
+        from mpi4py import MPI
+
+        while self.posted < len(self.pieces) and self.pieces[self.posted][1] <= n:
+            a, b = self.pieces[self.posted]
+            for leader in self.leaders:
+                self.requests.append(
+                    self.comm.Isend([self.data[a:b], b - a, _byte()], dest=leader, tag=_DATA)
+                )
+            self.posted += 1
+        MPI.Request.Testall(self.requests)
+
+    def finish(self) -> None:
+        """Send what is left and wait until every piece has gone (bounded by the timeout)."""
+        try:
+            self.written(len(self.data))
+            for request in self.requests:
+                sync.wait(request, timeout=self.timeout, what=f"the other nodes to receive {self.what}")
+        finally:
+            self.requests = []  # the buffers go with them, so the file's map can close
 
 
 def _keep_mapped(name: str, generation: str, view: memoryview) -> Any:

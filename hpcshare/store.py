@@ -146,6 +146,9 @@ def path_of(name: str, node: int | None = None) -> str:
     )
 
 
+_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
+
+
 def create(path: str, nbytes: int, what: str) -> mmap.mmap:
     """Create ``path`` (mode 0600, must not exist) with ``nbytes`` allocated; map it writable (local).
 
@@ -162,12 +165,40 @@ def create(path: str, nbytes: int, what: str) -> mmap.mmap:
                     f"{what}: {os.path.dirname(path)} has no room for {nbytes} more bytes ({exc.strerror})"
                 ) from exc
             raise
-        return mmap.mmap(fd, max(nbytes, 1))  # the map keeps its own descriptor
+        mm = mmap.mmap(fd, max(nbytes, 1))  # the map keeps its own descriptor
+        _populate(mm)
+        return mm
     except BaseException:
         _unlink(path)
         raise
     finally:
         os.close(fd)
+
+
+def _populate(mm: mmap.mmap) -> None:
+    """Map all of ``mm``'s pages now, in one call (best effort; Linux 5.14+).
+
+    Faulting a fresh shared-memory file in page by page while copying into it
+    costs more than having the kernel map it in one go (1 GiB here: 0.45 s
+    of copy after the allocation, against 0.26 s to populate plus 0.08 s).
+    """
+    try:
+        mm.madvise(_MADV_POPULATE_WRITE)
+    except (OSError, ValueError):
+        pass
+
+
+def close_writable(mm: mmap.mmap) -> None:
+    """Unmap a file's writable map once it is written (local).
+
+    If something still holds a view into it, it is unmapped when that view
+    goes instead: Dask's profiler keeps the frames of a task it sampled,
+    locals included, for a moment after they return.
+    """
+    try:
+        mm.close()
+    except BufferError:
+        pass
 
 
 def map_readonly(path: str) -> memoryview:
