@@ -15,6 +15,11 @@ def collected_mpi_tests() -> int:
     """How many tests tests/mpi holds: what every rank must pass."""
     run = run_cmd(
         [
+            # under mpiexec: collecting initialises MPI, and an Open MPI 5 singleton
+            # (no mpiexec) leaves its segment file in /dev/shm behind
+            mpiexec(),
+            "-n",
+            "1",
             sys.executable,
             "-m",
             "pytest",
@@ -23,6 +28,7 @@ def collected_mpi_tests() -> int:
             "-q",
             "-p",
             "no:cacheprovider",
+            "--color=no",
             "tests/mpi",
         ],
         cwd=ROOT,
@@ -50,6 +56,7 @@ def test_mpi_tests_pass_on_every_rank():
             "-q",
             "-p",
             "no:cacheprovider",
+            "--color=no",
             "tests/mpi",
         ],
         cwd=ROOT,
