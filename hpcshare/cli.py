@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from . import __version__
+from .bench.driver import ALL_CONTENDERS
 from .config import positive_int, size_in_bytes
 from .demo import DEFAULT_SIZE, DEFAULT_TASKS
 from .errors import ConfigError
@@ -149,9 +150,12 @@ def _parser() -> argparse.ArgumentParser:
             "Run the same workload (T tasks that each read a whole input of S bytes, on W "
             "workers) under hpcshare, dask-mpi with scatter(broadcast=True), dask-mpi with the "
             "seed pattern client.submit(create_data), a fork-based process pool and Ray (if "
-            "installed), one after another; measure each from outside (node memory as the sum "
-            "of PSS over its processes, sampled; time to ready; task phase; bytes moved). "
-            "Run it directly, not under mpiexec: it starts mpiexec itself."
+            "installed); and the seed pattern made at run time under hpcshare.submit "
+            "(hpcshare-put, also on emulated nodes), Ray (ray-put) and unidist's MPI backend "
+            "(unidist-put), for an array and for a DataFrame (groupby). One run after another; "
+            "each measured from outside (node memory as the sum of PSS over its processes, "
+            "sampled: the peak, and the peak while the tasks ran; time to ready; task phase; "
+            "bytes moved). Run it directly, not under mpiexec: it starts mpiexec itself."
         ),
     )
     bench.set_defaults(subparser=bench)
@@ -162,9 +166,22 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--tasks", type=_positive, default=16, metavar="T", help="tasks per run (default 16)")
     bench.add_argument(
         "--contenders",
-        default="hpcshare,hpcshare-h5,scatter,submit,fork,ray",
+        default=",".join(ALL_CONTENDERS),
         metavar="NAME[,NAME...]",
-        help="which to run (default: all of hpcshare,hpcshare-h5,scatter,submit,fork,ray)",
+        help=f"which to run (default: all of {','.join(ALL_CONTENDERS)})",
+    )
+    bench.add_argument(
+        "--workloads",
+        default="array,frame",
+        metavar="NAME[,NAME]",
+        help="array (every contender) and/or frame (a DataFrame groupby: hpcshare-put, scatter, "
+        "ray-put); default array,frame",
+    )
+    bench.add_argument(
+        "--nodes",
+        default="1,2",
+        metavar="N[,N...]",
+        help="emulated nodes for hpcshare-put (default 1,2: the second shows the transfer between nodes)",
     )
     bench.add_argument(
         "--out", default="bench-out", metavar="DIR", help="where bench.json, bench.txt and bench.png go"
@@ -267,7 +284,9 @@ def _bench(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .errors import ConfigError
 
     try:
-        cfg = config_from_args(ns.sizes, ns.workers, ns.tasks, ns.contenders, ns.out, ns.scratch)
+        cfg = config_from_args(
+            ns.sizes, ns.workers, ns.tasks, ns.contenders, ns.out, ns.scratch, ns.workloads, ns.nodes
+        )
     except ConfigError as exc:
         parser.error(str(exc))
     try:

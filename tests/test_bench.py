@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 
@@ -9,7 +10,8 @@ import numpy as np
 import pytest
 from helpers import run_cmd
 
-from hpcshare.bench import make_inputs, memory_needed, run_one
+from hpcshare.bench import BenchRow, make_inputs, memory_needed, run_one
+from hpcshare.bench.workloads import frame_work, make_frame
 
 
 @pytest.mark.usefixtures("clean_shm")
@@ -34,7 +36,7 @@ def test_every_contender_runs_the_same_workload_and_agrees(tmp_path):
     )
     assert run.returncode == 0, run
     result = json.loads((out / "bench.json").read_text())
-    rows = {r["contender"]: r for r in result["rows"]}
+    rows = {BenchRow(**r).label: r for r in result["rows"]}
     for name in (
         "hpcshare",
         "hpcshare-h5",
@@ -42,24 +44,40 @@ def test_every_contender_runs_the_same_workload_and_agrees(tmp_path):
         "scatter",
         "submit",
         "fork",
+        "hpcshare-put",
+        "hpcshare-put 2n",
+        "scatter frame",
+        "hpcshare-put frame",
+        "hpcshare-put frame 2n",
         "shm-copy",
         "h5-read-direct",
+        "mpi-transfer",
     ):
         assert rows[name]["status"] == "ok", rows[name]
-    try:
-        import ray  # noqa: F401
+    for name, module, extra in (
+        ("ray", "ray", "bench"),
+        ("ray-put", "ray", "bench"),
+        ("ray-put frame", "ray", "bench"),
+        ("unidist-put", "unidist", "bench"),
+    ):
+        if importlib.util.find_spec(module):
+            assert rows[name]["status"] == "ok", rows[name]
+        else:
+            assert (
+                rows[name]["status"] == "skipped" and f"pip install 'hpcshare[{extra}]'" in rows[name]["note"]
+            )
 
-        assert rows["ray"]["status"] == "ok", rows["ray"]
-    except ImportError:
-        assert rows["ray"]["status"] == "skipped" and "Ray is not installed" in rows["ray"]["note"]
-
-    # the same answer as computing the workload here
+    # the same answers as computing the workloads here
     x, _ = make_inputs(tmp_path, 4 * 2**20)
     data = np.load(x)
-    expected = sum((i + 1) * float(np.dot(data, data)) for i in range(5))
-    ran = [r for r in rows.values() if "checksum" in r and r["contender"] != "hpcshare-empty"]
-    assert len(ran) >= 5
-    assert all(r["checksum"] == pytest.approx(expected, rel=1e-12) for r in ran), ran
+    expected = {
+        "array": sum((i + 1) * float(np.dot(data, data)) for i in range(5)),
+        "frame": sum(frame_work(make_frame(str(x)), i) for i in range(5)),
+    }
+    ran = [r for r in result["rows"] if "checksum" in r and r["contender"] != "hpcshare-empty"]
+    assert {r.get("workload", "array") for r in ran} == {"array", "frame"} and len(ran) >= 10
+    for r in ran:
+        assert r["checksum"] == pytest.approx(expected[r["workload"]], rel=1e-12), r
     assert result["checksums_agree"] is True
 
     # figures a reader relies on are there and sane
@@ -69,6 +87,11 @@ def test_every_contender_runs_the_same_workload_and_agrees(tmp_path):
     assert set(hp["placement"]) == {"allocate", "read", "wait", "total"}
     assert rows["scatter"]["moved_bytes"] >= 2 * 4 * 2**20  # one copy sent to each of 2 workers
     assert hp["moved_bytes"] < 2**20  # hpcshare moves no input bytes
+    for name in ("hpcshare-put", "hpcshare-put 2n", "hpcshare-put frame 2n"):
+        put = rows[name]
+        assert put["moved_bytes"] < 2**20, put  # handles only, also between the two nodes
+        assert put["ready"] > 0 and 0 < put["resolve_us_median"] <= put["resolve_us_p99"], put
+    assert rows["hpcshare-put 2n"]["nodes"] == 2 and rows["mpi-transfer"]["ready"] > 0
 
     text = (out / "bench.txt").read_text()
     assert all(name in text for name in rows)
@@ -81,7 +104,16 @@ def test_a_contender_that_would_not_fit_is_skipped_with_its_figure(tmp_path):
     assert row.note.startswith(f"needs about {memory_needed('scatter', 2**40, 6) / 2**40:.2f} TiB")
 
 
-@pytest.mark.parametrize("args", [["--sizes", "lots"], ["--workers", "0"], ["--contenders", "dask,spark"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--sizes", "lots"],
+        ["--workers", "0"],
+        ["--contenders", "dask,spark"],
+        ["--workloads", "table"],
+        ["--nodes", "3"],  # the default --workers 1,2,4: a run with 1 worker cannot have 3 nodes
+    ],
+)
 def test_bad_bench_arguments_are_refused(args):
     run = run_cmd([sys.executable, "-m", "hpcshare", "bench", *args], timeout=30)
     assert run.returncode == 2, run

@@ -1,19 +1,19 @@
 """One contender of ``hpcshare bench``, run as its own program and measured from outside.
 
-``python -m hpcshare.bench.contenders CONTENDER --npy PATH --h5 PATH --tasks T --workers W --out JSON``
+``python -m hpcshare.bench.contenders CONTENDER --npy PATH --h5 PATH --tasks T --workers W --out JSON
+[--workload array|frame] [--nodes N]``
 
-MPI contenders (hpcshare, hpcshare-h5, scatter, submit) run under
-``mpiexec -n W+2``; the others (fork, ray, the baselines) run as one process
-that starts its own workers. Each writes its figures as JSON to ``--out``.
-Every contender runs the same workload: T tasks, task i returning
-``(i + 1) * dot(x, x)`` over the whole input x, so all must agree on the
-checksum (the sum over tasks).
+MPI contenders (hpcshare, hpcshare-h5, hpcshare-put, scatter, submit,
+unidist-put, the mpi-transfer baseline) run under ``mpiexec -n W+2``; the
+others (fork, ray, ray-put, the other baselines) run as one process that
+starts its own workers. Each writes its figures as JSON to ``--out``.
+:mod:`.workloads` holds the workloads; :mod:`.putting` the contenders that
+make their object at run time (the ``-put`` ones).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import mmap
 import os
 import sys
@@ -26,67 +26,22 @@ import numpy as np
 if TYPE_CHECKING:
     from ..placement import PlacementStats
 
-RESOLVES_PER_TASK = 200
-
-
-def work(x: np.ndarray, i: int) -> float:
-    """The task: read the whole input once (CPU-bound dot product)."""
-    flat = x.reshape(-1)
-    return (i + 1) * float(np.dot(flat, flat))
-
-
-def timed_work(x: np.ndarray, i: int) -> tuple[float, float]:
-    t = time.perf_counter()
-    value = work(x, i)
-    return value, time.perf_counter() - t
-
-
-def hpcshare_task(h: Any, i: int) -> tuple[float, float, list[int]]:
-    """hpcshare's task: resolve the handle (timed), then the same work."""
-    resolves = []
-    for _ in range(RESOLVES_PER_TASK):
-        t = time.perf_counter_ns()
-        h.resolve()
-        resolves.append(time.perf_counter_ns() - t)
-    value, seconds = timed_work(h.resolve(), i)
-    return value, seconds, resolves
-
-
-def probe_task(h: Any) -> tuple[float, float]:
-    """A task that resolves and reads a fixed 1 MiB: its time should not grow with the input.
-
-    Returns the time of resolve + a first read, and the fastest of 20 resolves
-    + reads of the same bytes once they are in the CPU's cache. The first depends on
-    where those bytes were (after tasks streamed gigabytes through the
-    cache, they come from memory); the second is hpcshare's own cost.
-    """
-    times = []
-    for _ in range(21):  # the first, then the fastest of 20: a 2-core machine's scheduler adds noise
-        t = time.perf_counter()
-        flat = h.resolve().reshape(-1)
-        float(flat[: (1 << 20) // flat.itemsize].sum())
-        times.append(time.perf_counter() - t)
-    return times[0], min(times[1:])
-
-
-def load(path: str) -> np.ndarray:
-    return np.load(path)
-
-
-def _write(out: str, figures: dict[str, Any]) -> None:
-    with open(out, "w") as f:
-        json.dump(figures, f)
-
-
-def _task_figures(values: list[float], seconds: list[float], phase: float, workers: int) -> dict[str, Any]:
-    return {
-        "checksum": float(sum(values)),
-        "task_phase": phase,
-        "task_compute_median": float(np.median(seconds)),
-        # wall time the workers had, less the time tasks computed, per task
-        "per_task_overhead": max(phase * workers - sum(seconds), 0.0) / len(values),
-    }
-
+from . import putting
+from .workloads import (
+    WORKLOADS,
+    hpcshare_task,
+    load,
+    make,
+    moved_bytes,
+    probe_task,
+    ray_init,
+    resolve_figures,
+    task_figures,
+    task_of,
+    task_phase,
+    timed_work,
+    write,
+)
 
 # --- contenders under mpiexec -------------------------------------------------
 
@@ -115,27 +70,24 @@ def run_hpcshare(args: argparse.Namespace, source: str) -> None:
 
     def main(client: Any, inputs: Any) -> None:
         h = inputs["x"]
-        t = time.perf_counter()
-        results = client.gather(client.map(hpcshare_task, [h] * args.tasks, range(args.tasks), pure=False))
-        phase = time.perf_counter() - t
+        results, phase, started = task_phase(
+            lambda: client.gather(client.map(hpcshare_task, [h] * args.tasks, range(args.tasks), pure=False))
+        )
         probes = client.gather(client.map(probe_task, [h] * (4 * args.workers), pure=False))
-        moved = sum(client.run(lambda dask_worker: dask_worker.transfer_outgoing_bytes_total).values())
-        resolves = np.concatenate([r[2] for r in results]) / 1e3  # us
-        figures = _task_figures([r[0] for r in results], [r[1] for r in results], phase, args.workers)
+        figures = task_figures(results, phase, args.workers, started)
+        figures.update(_placement_figures(placed[0]))
+        figures.update(resolve_figures(results))
         figures.update(
-            _placement_figures(placed[0]),
-            resolve_us_median=float(np.median(resolves)),
-            resolve_us_p99=float(np.percentile(resolves, 99)),
             probe_task_median=float(np.median([p[1] for p in probes])),
             probe_task_first_read_median=float(np.median([p[0] for p in probes])),
-            moved_bytes=int(moved),
+            moved_bytes=moved_bytes(client),
         )
-        _write(args.out, figures)
+        write(args.out, figures)
 
     hpcshare.run(main, {"x": source}, quiet=True, on_placed=placed.append)
 
 
-def _dask_mpi_cluster(args: argparse.Namespace, client_code: Any) -> None:
+def dask_mpi_cluster(args: argparse.Namespace, client_code: Any) -> None:
     from dask_mpi import initialize
     from distributed import Client
 
@@ -150,21 +102,21 @@ def _dask_mpi_cluster(args: argparse.Namespace, client_code: Any) -> None:
 
 def run_scatter(args: argparse.Namespace) -> None:
     def code(client: Any) -> None:
-        data = load(args.npy)  # the input in hand, on the client
+        data = make(args.workload, args.npy)  # the object in hand, on the client
         t = time.perf_counter()
         future = client.scatter(data, broadcast=True)
         ready = time.perf_counter() - t
         copies = len(client.who_has([future])[future.key])
         del data
-        t = time.perf_counter()
-        results = client.gather(client.map(timed_work, [future] * args.tasks, range(args.tasks), pure=False))
-        phase = time.perf_counter() - t
-        moved = sum(client.run(lambda dask_worker: dask_worker.transfer_outgoing_bytes_total).values())
-        figures = _task_figures([r[0] for r in results], [r[1] for r in results], phase, args.workers)
-        figures.update(ready=ready, moved_bytes=int(moved + copies * os.path.getsize(args.npy)))
-        _write(args.out, figures)
+        task = task_of(args.workload)
+        results, phase, started = task_phase(
+            lambda: client.gather(client.map(task, [future] * args.tasks, range(args.tasks), pure=False))
+        )
+        figures = task_figures(results, phase, args.workers, started)
+        figures.update(ready=ready, moved_bytes=moved_bytes(client) + copies * os.path.getsize(args.npy))
+        write(args.out, figures)
 
-    _dask_mpi_cluster(args, code)
+    dask_mpi_cluster(args, code)
 
 
 def run_submit(args: argparse.Namespace) -> None:
@@ -173,15 +125,14 @@ def run_submit(args: argparse.Namespace) -> None:
         data = client.submit(load, args.npy)  # the seed pattern: data made in a task
         data.result()
         ready = time.perf_counter() - t
-        t = time.perf_counter()
-        results = client.gather(client.map(timed_work, [data] * args.tasks, range(args.tasks), pure=False))
-        phase = time.perf_counter() - t
-        moved = sum(client.run(lambda dask_worker: dask_worker.transfer_outgoing_bytes_total).values())
-        figures = _task_figures([r[0] for r in results], [r[1] for r in results], phase, args.workers)
-        figures.update(ready=ready, moved_bytes=int(moved))
-        _write(args.out, figures)
+        results, phase, started = task_phase(
+            lambda: client.gather(client.map(timed_work, [data] * args.tasks, range(args.tasks), pure=False))
+        )
+        figures = task_figures(results, phase, args.workers, started)
+        figures.update(ready=ready, moved_bytes=moved_bytes(client))
+        write(args.out, figures)
 
-    _dask_mpi_cluster(args, code)
+    dask_mpi_cluster(args, code)
 
 
 # --- single-process contenders --------------------------------------------------
@@ -205,35 +156,29 @@ def run_fork(args: argparse.Namespace) -> None:
         for f in [pool.submit(time.sleep, 0.05) for _ in range(args.workers)]:
             f.result()
         ready = time.perf_counter() - t
-        t = time.perf_counter()
-        results = list(pool.map(_fork_task, range(args.tasks)))
-        phase = time.perf_counter() - t
-    figures = _task_figures([r[0] for r in results], [r[1] for r in results], phase, args.workers)
+        results, phase, started = task_phase(lambda: list(pool.map(_fork_task, range(args.tasks))))
+    figures = task_figures(results, phase, args.workers, started)
     figures.update(ready=ready, moved_bytes=0)
-    _write(args.out, figures)
+    write(args.out, figures)
 
 
 def run_ray(args: argparse.Namespace) -> None:
-    import ray
-
     data = load(args.npy)
-    ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray = ray_init(args.workers)
     try:
         remote = ray.remote(timed_work)
-        warm = [ray.remote(lambda: 0).remote() for _ in range(args.workers)]
-        ray.get(warm)
         t = time.perf_counter()
         ref = ray.put(data)
         ready = time.perf_counter() - t
         del data
-        t = time.perf_counter()
-        results = ray.get([remote.remote(ref, i) for i in range(args.tasks)])
-        phase = time.perf_counter() - t
+        results, phase, started = task_phase(
+            lambda: ray.get([remote.remote(ref, i) for i in range(args.tasks)])
+        )
     finally:
         ray.shutdown()
-    figures = _task_figures([r[0] for r in results], [r[1] for r in results], phase, args.workers)
-    figures.update(ready=ready, moved_bytes=None)
-    _write(args.out, figures)
+    figures = task_figures(results, phase, args.workers, started)
+    figures.update(ready=ready)
+    write(args.out, figures)
 
 
 def run_shm_copy(args: argparse.Namespace) -> None:
@@ -251,7 +196,7 @@ def run_shm_copy(args: argparse.Namespace) -> None:
     finally:
         os.close(fd)
         os.unlink(path)
-    _write(args.out, {"ready": ready})
+    write(args.out, {"ready": ready})
 
 
 def run_h5_read_direct(args: argparse.Namespace) -> None:
@@ -264,19 +209,26 @@ def run_h5_read_direct(args: argparse.Namespace) -> None:
         t = time.perf_counter()
         ds.read_direct(dest)
         ready = time.perf_counter() - t
-    _write(args.out, {"ready": ready})
+    write(args.out, {"ready": ready})
 
 
 CONTENDERS = {
     "hpcshare": lambda a: run_hpcshare(a, a.npy),
     "hpcshare-h5": lambda a: run_hpcshare(a, f"{a.h5}:/x"),
-    "hpcshare-empty": lambda a: run_hpcshare(a, a.npy),  # the driver passes a 1 MiB input
+    # the driver passes a 1 MiB input: the job's processes, imports and task code without the data
+    "hpcshare-empty": lambda a: (
+        run_hpcshare(a, a.npy) if a.workload == "array" else putting.run_hpcshare_put(a)
+    ),
+    "hpcshare-put": putting.run_hpcshare_put,
     "scatter": run_scatter,
     "submit": run_submit,
+    "unidist-put": putting.run_unidist_put,
     "fork": run_fork,
     "ray": run_ray,
+    "ray-put": putting.run_ray_put,
     "shm-copy": run_shm_copy,
     "h5-read-direct": run_h5_read_direct,
+    "mpi-transfer": putting.run_mpi_transfer,
 }
 
 
@@ -288,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tasks", type=int, required=True)
     p.add_argument("--workers", type=int, required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--workload", choices=WORKLOADS, default="array")
+    p.add_argument("--nodes", type=int, default=1, help="hpcshare-put: emulated nodes")
     args = p.parse_args(argv)
     CONTENDERS[args.contender](args)
     return 0

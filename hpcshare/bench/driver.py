@@ -11,6 +11,7 @@ figures the contender wrote, and hands the rows to :mod:`.targets` and
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 import shutil
@@ -33,11 +34,38 @@ from .output import BASELINES, BenchResult, format_table, line, write_plot, writ
 from .rows import BenchRow
 from .sampling import PeakMemory, available_memory, kill_group
 from .targets import checksums_agree, targets
+from .workloads import WORKLOADS
 
 __all__ = ["BenchConfig", "config_from_args", "make_inputs", "memory_needed", "run_bench", "run_one"]
 
-MPI_CONTENDERS = ("hpcshare", "hpcshare-h5", "hpcshare-empty", "scatter", "submit")
-ALL_CONTENDERS = ("hpcshare", "hpcshare-h5", "scatter", "submit", "fork", "ray")
+MPI_CONTENDERS = (
+    "hpcshare",
+    "hpcshare-h5",
+    "hpcshare-empty",
+    "hpcshare-put",
+    "scatter",
+    "submit",
+    "unidist-put",
+)
+ALL_CONTENDERS = (
+    "hpcshare",
+    "hpcshare-h5",
+    "scatter",
+    "submit",
+    "fork",
+    "ray",
+    "hpcshare-put",
+    "ray-put",
+    "unidist-put",
+)
+FRAME_CONTENDERS = ("hpcshare-put", "scatter", "ray-put")  #: the ones that run the frame workload
+NODES_CONTENDERS = ("hpcshare-put",)  #: the ones that run on emulated nodes
+#: unidist's MPI backend, started by mpiexec, with its per-host shared object store on
+UNIDIST_ENV = {
+    "UNIDIST_BACKEND": "mpi",
+    "UNIDIST_MPI_SPAWN": "False",
+    "UNIDIST_MPI_SHARED_OBJECT_STORE": "True",
+}
 PROCESS_BYTES = 160 * 2**20  # what one Dask or MPI process costs before any data
 EMPTY_BYTES = 2**20  # the input of the hpcshare-empty run
 T = TypeVar("T")
@@ -53,6 +81,8 @@ class BenchConfig:
     contenders: tuple[str, ...]
     out: Path
     scratch: Path | None = None
+    workloads: tuple[str, ...] = ("array", "frame")
+    nodes: tuple[int, ...] = (1, 2)  #: emulated nodes for the contenders that run on several
     timeout: float = 1800.0  #: seconds one contender run may take
 
 
@@ -61,7 +91,14 @@ def parse_list(text: str, convert: Callable[[str], T]) -> tuple[T, ...]:
 
 
 def config_from_args(
-    sizes: str, workers: str, tasks: int, contenders: str, out: str, scratch: str | None
+    sizes: str,
+    workers: str,
+    tasks: int,
+    contenders: str,
+    out: str,
+    scratch: str | None,
+    workloads: str = "array,frame",
+    nodes: str = "1,2",
 ) -> BenchConfig:
     """Validate ``hpcshare bench`` arguments (local)."""
     try:
@@ -80,11 +117,36 @@ def config_from_args(
         )
     if not size_list or min(size_list) < 8 or not worker_list or min(worker_list) < 1 or tasks < 1:
         raise ConfigError("--sizes, --workers and --tasks must be positive")
-    return BenchConfig(size_list, worker_list, tasks, names, Path(out), Path(scratch) if scratch else None)
+    kinds = parse_list(workloads, str)
+    if not kinds or set(kinds) - set(WORKLOADS):
+        raise ConfigError(f"--workloads takes {' and/or '.join(WORKLOADS)}, got {workloads!r}")
+    try:
+        node_list = parse_list(nodes, int)
+    except ValueError:
+        node_list = ()
+    if not node_list or min(node_list) < 1 or max(node_list) > min(worker_list):
+        raise ConfigError(
+            f"--nodes takes emulated node counts like 1,2, each at least 1 and at most the "
+            f"smallest --workers ({min(worker_list)}: every node needs a worker), got {nodes!r}"
+        )
+    return BenchConfig(
+        size_list,
+        worker_list,
+        tasks,
+        names,
+        Path(out),
+        Path(scratch) if scratch else None,
+        kinds,
+        node_list,
+    )
 
 
 def make_inputs(folder: Path, nbytes: int) -> tuple[Path, Path]:
-    """Write the benchmark input as .npy and as an HDF5 dataset ``/x`` (local)."""
+    """Write the benchmark input as .npy and as an HDF5 dataset ``/x`` (local).
+
+    Both are flushed to disk before this returns, so that no contender reads
+    a file still being written back.
+    """
     import h5py
 
     n = max(nbytes // 8, 1)
@@ -100,22 +162,34 @@ def make_inputs(folder: Path, nbytes: int) -> tuple[Path, Path]:
             ds[a : a + piece.size] = piece
     out.flush()
     del out
+    for path in (npy, h5):  # on disk before any contender reads them, as a real input is
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     return npy, h5
 
 
-def memory_needed(contender: str, nbytes: int, workers: int) -> int:
+def memory_needed(contender: str, nbytes: int, workers: int, nodes: int = 1) -> int:
     """A conservative estimate of the node memory a contender needs (local)."""
     procs = (workers + 2) * PROCESS_BYTES
     return {
         "hpcshare": nbytes + procs,
         "hpcshare-h5": nbytes + procs,
         "hpcshare-empty": procs,
+        # the maker's private object, then one node file per emulated node
+        "hpcshare-put": nbytes * (1 + nodes) + procs,
         # measured here at W = 1: 3 S (the client's copy and two serialization buffers,
         # the seed pattern's creating worker likewise), then S per further worker
         "scatter": nbytes * (workers + 3) + procs,
         "submit": nbytes * (workers + 3) + procs,
         "fork": nbytes + workers * PROCESS_BYTES,
         "ray": 2 * nbytes + procs + 512 * 2**20,
+        "ray-put": 2 * nbytes + procs + 512 * 2**20,
+        # measured here at 1 GiB, W = 4: 2.26 GiB at the peak
+        "unidist-put": 3 * nbytes + procs,
+        "mpi-transfer": 2 * nbytes + 3 * PROCESS_BYTES,
         "shm-copy": 2 * nbytes,
         "h5-read-direct": nbytes,
     }[contender]
@@ -123,7 +197,7 @@ def memory_needed(contender: str, nbytes: int, workers: int) -> int:
 
 def _command(contender: str, workers: int) -> list[str]:
     job = [sys.executable, "-m", "hpcshare.bench.contenders", contender]
-    if contender in MPI_CONTENDERS:
+    if contender in MPI_CONTENDERS or contender == "mpi-transfer":
         mpiexec = shutil.which(
             "mpiexec", path=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]
         )
@@ -133,31 +207,55 @@ def _command(contender: str, workers: int) -> list[str]:
     return job
 
 
-def _why_not(contender: str, nbytes: int, workers: int) -> str | None:
+_NEEDS = {  # contender or workload: (module it imports, what to install)
+    "ray": ("ray", "Ray is not installed (pip install 'hpcshare[bench]')"),
+    "ray-put": ("ray", "Ray is not installed (pip install 'hpcshare[bench]')"),
+    "unidist-put": ("msgpack", "unidist is not installed (pip install 'hpcshare[bench]')"),
+    "frame": ("pandas", "pandas is not installed (pip install 'hpcshare[dataframe]')"),
+}
+
+
+def _why_not(
+    contender: str, nbytes: int, workers: int, workload: str = "array", nodes: int = 1
+) -> str | None:
     """Why this run would not be started, or None."""
-    need, have = memory_needed(contender, nbytes, workers), available_memory()
+    need, have = memory_needed(contender, nbytes, workers, nodes), available_memory()
     if need > 0.8 * have:  # never near the OOM killer
         return f"needs about {format_bytes(need)}, {format_bytes(have)} available"
-    if contender == "ray":
-        try:
-            import ray  # noqa: F401
-        except ImportError:
-            return "Ray is not installed (pip install 'hpcshare[bench]')"
+    for what in (contender, workload):
+        if what in _NEEDS:
+            module, message = _NEEDS[what]
+            if importlib.util.find_spec(module) is None or (
+                what == "unidist-put" and importlib.util.find_spec("unidist") is None
+            ):
+                return message
     return None
 
 
 def run_one(
-    contender: str, npy: Path, h5: Path, nbytes: int, workers: int, tasks: int, scratch: Path, timeout: float
+    contender: str,
+    npy: Path,
+    h5: Path,
+    nbytes: int,
+    workers: int,
+    tasks: int,
+    scratch: Path,
+    timeout: float,
+    workload: str = "array",
+    nodes: int = 1,
 ) -> BenchRow:
     """Run one contender, measured from outside (local)."""
-    row = BenchRow(contender, nbytes, workers, tasks)
-    reason = _why_not(contender, nbytes, workers)
+    row = BenchRow(contender, nbytes, workers, tasks, workload, nodes)
+    reason = _why_not(contender, nbytes, workers, workload, nodes)
     if reason:
         return row.ended("skipped", reason)
-    out = scratch / f"{contender}-{nbytes}-{workers}.json"
+    out = scratch / f"{contender}-{workload}-{nbytes}-{workers}-{nodes}.json"
     cmd = [*_command(contender, workers), "--npy", str(npy), "--h5", str(h5)]
     cmd += ["--tasks", str(tasks), "--workers", str(workers), "--out", str(out)]
+    cmd += ["--workload", workload, "--nodes", str(nodes)]
     env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    if contender == "unidist-put":
+        env.update(UNIDIST_ENV)
     shm_before = shm.names()
     t = time.perf_counter()
     proc = subprocess.Popen(
@@ -179,7 +277,10 @@ def run_one(
     if proc.returncode != 0 or not out.exists():
         tail = "\n".join(output.strip().splitlines()[-15:])
         return row.ended("failed", f"exit code {proc.returncode}:\n{tail}")
-    return row.with_figures(json.loads(out.read_text()))
+    row = row.with_figures(json.loads(out.read_text()))
+    if row.task_window:  # the steady state: the object made and shared, the tasks running
+        row = row.with_figures({"steady_memory": memory.peak_between(*row.task_window)})
+    return row
 
 
 def _progress(message: str) -> None:
@@ -190,6 +291,51 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    contender: str
+    npy: Path
+    h5: Path
+    size: int
+    workers: int
+    workload: str = "array"
+    nodes: int = 1
+
+
+def _plan(cfg: BenchConfig, nbytes: int, npy: Path, h5: Path, empty: tuple[Path, Path]) -> list[_Run]:
+    """The runs at one input size, in order: the baselines, then each worker count's contenders."""
+    runs = [_Run(base, npy, h5, nbytes, 1) for base in BASELINES if base != "mpi-transfer"]
+    if max(cfg.nodes) > 1 and any(c in NODES_CONTENDERS for c in cfg.contenders):
+        runs.append(_Run("mpi-transfer", npy, h5, nbytes, 1))
+    for workers in cfg.workers:
+        if nbytes == cfg.sizes[0]:  # the cost of the processes alone, once per W (and per workload)
+            runs.append(_Run("hpcshare-empty", *empty, EMPTY_BYTES, workers))
+            if "frame" in cfg.workloads and "hpcshare-put" in cfg.contenders:
+                runs.append(_Run("hpcshare-empty", *empty, EMPTY_BYTES, workers, "frame"))
+        for workload in cfg.workloads:
+            for contender in cfg.contenders:
+                if workload == "frame" and contender not in FRAME_CONTENDERS:
+                    continue
+                for nodes in cfg.nodes if contender in NODES_CONTENDERS else (1,):
+                    runs.append(_Run(contender, npy, h5, nbytes, workers, workload, nodes))
+    return runs
+
+
+def _run(cfg: BenchConfig, scratch: Path, run: _Run) -> BenchRow:
+    return run_one(
+        run.contender,
+        run.npy,
+        run.h5,
+        run.size,
+        run.workers,
+        cfg.tasks,
+        scratch,
+        cfg.timeout,
+        run.workload,
+        run.nodes,
+    )
+
+
 def _runs_at_size(
     cfg: BenchConfig, scratch: Path, nbytes: int, empty: tuple[Path, Path]
 ) -> Iterator[BenchRow]:
@@ -198,20 +344,16 @@ def _runs_at_size(
     if 2 * nbytes + 2**30 > disk:
         note = f"needs {format_bytes(2 * nbytes)} of disk for the input files, {format_bytes(disk)} free"
         _progress(f"S={format_bytes(nbytes)}: skipped, {note}")
-        for name in (*BASELINES, *cfg.contenders):
-            for workers in cfg.workers:
-                yield BenchRow(name, nbytes, workers, cfg.tasks).ended("skipped", note)
+        for run in _plan(cfg, nbytes, Path(), Path(), empty):
+            yield BenchRow(run.contender, nbytes, run.workers, cfg.tasks, run.workload, run.nodes).ended(
+                "skipped", note
+            )
         return
     _progress(f"writing a {format_bytes(nbytes)} input (.npy and HDF5)")
     npy, h5 = make_inputs(scratch, nbytes)
-    runs = [(base, npy, h5, nbytes, 1) for base in BASELINES]
-    for workers in cfg.workers:
-        if nbytes == cfg.sizes[0]:  # the cost of the processes alone, once per W
-            runs.append(("hpcshare-empty", *empty, EMPTY_BYTES, workers))
-        runs += [(contender, npy, h5, nbytes, workers) for contender in cfg.contenders]
     try:
-        for contender, x_npy, x_h5, size, workers in runs:
-            row = run_one(contender, x_npy, x_h5, size, workers, cfg.tasks, scratch, cfg.timeout)
+        for run in _plan(cfg, nbytes, npy, h5, empty):
+            row = _run(cfg, scratch, run)
             _progress(line(row))
             yield row
     finally:
@@ -220,7 +362,14 @@ def _runs_at_size(
 
 
 def _result(cfg: BenchConfig, rows: list[BenchRow], started: float, interrupted: bool = False) -> BenchResult:
-    config = {"sizes": cfg.sizes, "workers": cfg.workers, "tasks": cfg.tasks, "contenders": cfg.contenders}
+    config = {
+        "sizes": cfg.sizes,
+        "workers": cfg.workers,
+        "tasks": cfg.tasks,
+        "contenders": cfg.contenders,
+        "workloads": cfg.workloads,
+        "nodes": cfg.nodes,
+    }
     return BenchResult(
         config, time.perf_counter() - started, rows, checksums_agree(rows), targets(rows), interrupted
     )

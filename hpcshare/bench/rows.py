@@ -22,11 +22,14 @@ class BenchRow:
     size: int  #: input bytes
     workers: int
     tasks: int
+    workload: str = "array"  #: "array" or "frame" (see :mod:`.workloads`)
+    nodes: int = 1  #: emulated nodes (hpcshare-put); 1 for every other contender
     status: str = "pending"  #: ok, failed or skipped
     note: str = ""  #: why it failed or was skipped
     # measured from outside by the driver
     wall: float | None = None  #: seconds from start to exit, including start-up
     node_memory: int | None = None  #: peak of the summed PSS of the run's processes, bytes
+    steady_memory: int | None = None  #: the same, its peak while the tasks ran (transient copies done)
     processes: int | None = None  #: processes at that peak
     # written by the contender
     ready: float | None = None  #: seconds until every worker could read the input
@@ -35,12 +38,20 @@ class BenchRow:
     task_compute_median: float | None = None  #: median seconds one task computed
     per_task_overhead: float | None = None  #: worker seconds per task not spent computing
     moved_bytes: int | None = None  #: bytes Dask moved between processes
+    task_window: list[float] | None = None  #: wall-clock start and end of the task phase
     placement: dict[str, float] | None = None  #: hpcshare: allocate, read, wait, total seconds
     waiting_cpu_fraction: float | None = None  #: hpcshare: CPU use of ranks that only waited
     resolve_us_median: float | None = None  #: hpcshare: handle.resolve() microseconds
     resolve_us_p99: float | None = None
     probe_task_median: float | None = None  #: hpcshare: resolve + read 1 MiB, cached, seconds
     probe_task_first_read_median: float | None = None  #: the same, first read, seconds
+
+    @property
+    def label(self) -> str:
+        """The contender, with its workload and node count where they are not the default."""
+        frame = " frame" if self.workload == "frame" else ""
+        nodes = f" {self.nodes}n" if self.nodes > 1 else ""
+        return f"{self.contender}{frame}{nodes}"
 
     def ended(self, status: str, note: str = "", **measured: Any) -> BenchRow:
         """This row with its outcome and the driver's figures."""

@@ -42,14 +42,21 @@ class PeakMemory(threading.Thread):
         self.root, self.interval = root, interval
         self.peak = 0  #: the largest summed PSS seen, in bytes
         self.processes = 0  #: how many processes there were at that peak
+        self.samples: list[tuple[float, int]] = []  #: (wall-clock time, summed PSS)
         self._done = threading.Event()
 
     def run(self) -> None:
         while not self._done.is_set():
             total, count = tree_pss(self.root)
+            self.samples.append((time.time(), total))
             if total > self.peak:
                 self.peak, self.processes = total, count
             self._done.wait(self.interval)
+
+    def peak_between(self, start: float, end: float) -> int | None:
+        """The largest sample taken from ``start`` to ``end`` (wall-clock), or None if none was."""
+        inside = [pss for t, pss in self.samples if start <= t <= end]
+        return max(inside) if inside else None
 
     def __enter__(self) -> PeakMemory:
         self.start()

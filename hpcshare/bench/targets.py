@@ -29,15 +29,20 @@ class Target:
 
 def checksums_agree(rows: Sequence[BenchRow]) -> bool:
     """Whether every contender that ran produced the same checksum for the same size and task count."""
-    by_size: dict[int, list[float]] = {}
+    runs: dict[tuple[str, int], list[float]] = {}
     for r in rows:
         if r.status == "ok" and r.checksum is not None and r.contender != "hpcshare-empty":
-            by_size.setdefault(r.size, []).append(r.checksum)
-    return all(np.allclose(v, v[0], rtol=1e-12, atol=0) for v in by_size.values())
+            runs.setdefault((r.workload, r.size), []).append(r.checksum)
+    return all(np.allclose(v, v[0], rtol=1e-12, atol=0) for v in runs.values())
 
 
 def find(
-    rows: Sequence[BenchRow], contender: str, size: int | None = None, workers: int | None = None
+    rows: Sequence[BenchRow],
+    contender: str,
+    size: int | None = None,
+    workers: int | None = None,
+    workload: str = "array",
+    nodes: int = 1,
 ) -> BenchRow | None:
     """The first ``ok`` row of ``contender`` (at ``size`` and ``workers`` when given)."""
     for r in rows:
@@ -46,9 +51,16 @@ def find(
             and r.status == "ok"
             and (size is None or r.size == size)
             and (workers is None or r.workers == workers)
+            and r.workload == workload
+            and r.nodes == nodes
         ):
             return r
     return None
+
+
+def _bytes_at_most(what: str, ours: float, limit: float) -> Target:
+    """A memory target: ``ours`` at most ``limit`` bytes."""
+    return Target(what, ours <= limit, f"{format_bytes(int(ours))} vs {format_bytes(int(limit))}")
 
 
 def _ready_ratio(what: str, ours: BenchRow | None, base: BenchRow | None, limit: float) -> Iterator[Target]:
@@ -62,11 +74,7 @@ def _memory(rows: Sequence[BenchRow], r: BenchRow, tag: str) -> Iterator[Target]
     empty = find(rows, "hpcshare-empty", workers=r.workers)
     if empty and r.workers == MEMORY_WORKERS:
         limit = 1.15 * (r.size + need(empty.node_memory))
-        yield Target(
-            f"hpcshare node memory <= 1.15 x (S + empty job), {tag}",
-            mem <= limit,
-            f"{format_bytes(int(mem))} vs {format_bytes(int(limit))}",
-        )
+        yield _bytes_at_most(f"hpcshare node memory <= 1.15 x (S + empty job), {tag}", mem, limit)
     for other in ("scatter", "submit"):
         o = find(rows, other, r.size, r.workers)
         if o and r.workers == MEMORY_WORKERS:
@@ -75,11 +83,7 @@ def _memory(rows: Sequence[BenchRow], r: BenchRow, tag: str) -> Iterator[Target]
     ray = find(rows, "ray", r.size, r.workers)
     if ray:
         theirs = need(ray.node_memory)
-        yield Target(
-            f"hpcshare node memory <= Ray's, {tag}",
-            mem <= theirs,
-            f"{format_bytes(int(mem))} vs {format_bytes(int(theirs))}",
-        )
+        yield _bytes_at_most(f"hpcshare node memory <= Ray's, {tag}", mem, theirs)
 
 
 def _ready(rows: Sequence[BenchRow], r: BenchRow, tag: str) -> Iterator[Target]:
@@ -132,13 +136,107 @@ def _flat_task_time(rows: Sequence[BenchRow]) -> Iterator[Target]:
             )
 
 
+def _put_memory(rows: Sequence[BenchRow], r: BenchRow, tag: str) -> Iterator[Target]:
+    """hpcshare-put's steady-state memory against the empty job and the others', its peak against unidist's."""
+    if r.steady_memory is None:  # a task phase shorter than the sampling interval: nothing to judge
+        return
+    mem = r.steady_memory
+    empty = find(rows, "hpcshare-empty", workers=r.workers, workload=r.workload)
+    if empty:
+        limit = 1.15 * (r.size + need(empty.node_memory))
+        yield _bytes_at_most(
+            f"hpcshare-put node memory while tasks run <= 1.15 x (S + empty job), {tag}", mem, limit
+        )
+    for other in ("submit", "scatter"):
+        o = find(rows, other, r.size, r.workers, r.workload)
+        if o and o.steady_memory:
+            ratio = o.steady_memory / mem
+            yield Target(
+                f"{other} uses >= 3.5x hpcshare-put's node memory while tasks run, {tag}",
+                ratio >= 3.5,
+                f"{format_bytes(o.steady_memory)} vs {format_bytes(int(mem))} ({ratio:.2f}x)",
+            )
+    ray = find(rows, "ray-put", r.size, r.workers, r.workload)
+    if ray and ray.steady_memory:
+        yield _bytes_at_most(
+            f"hpcshare-put node memory while tasks run <= Ray's (ray-put), {tag}", mem, ray.steady_memory
+        )
+    unidist = find(rows, "unidist-put", r.size, r.workers, r.workload)
+    if unidist:
+        ours, theirs = need(r.node_memory), need(unidist.node_memory)
+        yield _bytes_at_most(
+            f"hpcshare-put peak node memory (transient copies included) <= unidist-put's, {tag}", ours, theirs
+        )
+
+
+def _put_ready(rows: Sequence[BenchRow], r: BenchRow, tag: str) -> Iterator[Target]:
+    """Time to ready against one copy into fresh shared memory plus one MPI transfer per other node."""
+    copy = find(rows, "shm-copy", r.size)
+    transfer = find(rows, "mpi-transfer", r.size) if r.nodes > 1 else None
+    if copy is None or (r.nodes > 1 and transfer is None):
+        return
+    base = need(copy.ready) + (r.nodes - 1) * (need(transfer.ready) if transfer else 0.0)
+    ours = need(r.ready)
+    what = "one copy into fresh shared memory" + (f" + {r.nodes - 1} MPI transfer(s)" if r.nodes > 1 else "")
+    yield Target(
+        f"hpcshare-put time to ready <= 1.3x {what}, {tag}",
+        ours <= 1.3 * base,
+        f"{ours:.3f} s vs {base:.3f} s ({ours / base:.2f}x)",
+    )
+
+
+def _put_costs(r: BenchRow, tag: str) -> Iterator[Target]:
+    if r.nodes > 1:
+        moved = need(r.moved_bytes, "moved bytes")
+        yield Target(
+            f"hpcshare-put: workers move < 1 MiB between them, {tag}",
+            moved < 2**20,
+            format_bytes(int(moved)),
+        )
+    if r.workload == "frame":
+        median = need(r.resolve_us_median)
+        yield Target(
+            f"resolving the shared DataFrame takes a median <= 100 us, {tag}",
+            median <= 100,
+            f"{median:.1f} us (p99 {need(r.resolve_us_p99):.1f} us)",
+        )
+
+
+def _flat_frame_resolve(rows: Sequence[BenchRow]) -> Iterator[Target]:
+    """Resolving a frame costs the same at every S: no copy on resolve."""
+    for w in sorted({r.workers for r in rows}):
+        medians = sorted(
+            (r.size, need(r.resolve_us_median))
+            for r in rows
+            if r.contender == "hpcshare-put"
+            and r.status == "ok"
+            and r.workload == "frame"
+            and r.workers == w
+            and r.nodes == 1
+        )
+        if len(medians) > 1 and medians[-1][0] >= MIN_SIZE:
+            (s0, small), (s1, large) = medians[0], medians[-1]
+            yield Target(
+                f"DataFrame resolve flat in S ({format_bytes(s1)} over {format_bytes(s0)} <= 1.5), W={w}",
+                large <= 1.5 * small,
+                f"{large:.1f} us vs {small:.1f} us ({large / small:.2f}x)",
+            )
+
+
 def targets(rows: Sequence[BenchRow]) -> list[Target]:
     """The targets these rows can judge, in the order docs/benchmarks.md lists them."""
     out: list[Target] = []
     for r in rows:
-        if r.contender != "hpcshare" or r.status != "ok" or r.size < MIN_SIZE:
+        if r.status != "ok" or r.size < MIN_SIZE:
             continue
         tag = f"S={format_bytes(r.size)}, W={r.workers}"
-        out += [*_memory(rows, r, tag), *_ready(rows, r, tag), *_costs(r, tag)]
+        if r.contender == "hpcshare":
+            out += [*_memory(rows, r, tag), *_ready(rows, r, tag), *_costs(r, tag)]
+        elif r.contender == "hpcshare-put":
+            tag += f", {r.workload}, {r.nodes} node{'s' if r.nodes > 1 else ''}"
+            if r.nodes == 1 and r.workers == MEMORY_WORKERS:
+                out += _put_memory(rows, r, tag)
+            out += [*_put_ready(rows, r, tag), *_put_costs(r, tag)]
     out += _flat_task_time(rows)
+    out += _flat_frame_resolve(rows)
     return out
