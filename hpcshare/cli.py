@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import signal
 import sys
 import time
@@ -131,6 +132,24 @@ def _parser() -> argparse.ArgumentParser:
         "--quiet", "-q", action="store_true", default=None, help="no progress lines or memory report"
     )
     job.add_argument(
+        "--interface",
+        metavar="NAME",
+        help="network interface for Dask, such as ib0 or hsn0 (default: loopback on one host, "
+        "else the host address's interface)",
+    )
+    job.add_argument(
+        "--dashboard-address",
+        metavar="HOST:PORT",
+        help="where the Dask dashboard listens (default localhost:8787; a wider address has no login)",
+    )
+    job.add_argument(
+        "--no-tls",
+        dest="tls",
+        action="store_false",
+        default=None,
+        help="plain TCP between the job's Dask processes instead of TLS with the job's certificates",
+    )
+    job.add_argument(
         "--demo-size",
         type=_size,
         metavar="SIZE",
@@ -205,6 +224,9 @@ def parse_job(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> JobArg
         "nthreads": ns.nthreads,
         "memory_limit": ns.memory_limit,
         "quiet": ns.quiet,
+        "interface": ns.interface,
+        "dashboard_address": ns.dashboard_address,
+        "tls": ns.tls,
     }
     if ns.jobfile is not None and (ns.demo_size is not None or ns.demo_tasks is not None):
         parser.error("--demo-size and --demo-tasks are for the demo job, which runs when no JOBFILE is given")
@@ -231,6 +253,8 @@ def _interrupted(signum: int, frame: Any) -> None:
     from . import runtime, shm
 
     shm.unlink_mapped()
+    if runtime.launcher_gone():  # killed with no grace: no one to abort through; every rank ends itself
+        os._exit(128 + signum)
     rank = launcher_rank()
     # The launcher signals every rank, and the first abort ends them all. Ranks
     # after the first give the lower ones a moment, so one line is printed,

@@ -68,7 +68,10 @@ def idle_startup_comm(comm: MPI.Intracomm, timeout: float) -> MPI.Intracomm:
             return super().bcast(obj, root=root)
 
         def Barrier(self) -> None:  # noqa: N802 - mpi4py's name
+            from .exchange import end_collective_phase
+
             sync.barrier(self, timeout=timeout, what="the Dask cluster to start")
+            end_collective_phase()  # the handshake is over: puts may come from here on
 
     return _Idle(comm)
 
@@ -201,15 +204,72 @@ def quiet_dask_logs() -> None:
         logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
-def _dashboard_hint(client: Client) -> str:
-    """One line on how to reach the Dask dashboard from a laptop (local, on the client)."""
+def _task_executor(nthreads: int) -> Any:
+    """The worker's task threads, where a task that calls ``sys.exit`` ends the job at once.
+
+    distributed lets SystemExit out of a task on purpose, which takes the
+    worker out of Dask silently while the job waits for it until its
+    timeout. Here the job ends within a second instead, with one line naming
+    the task, the rank and its host.
+    """
+    from distributed.threadpoolexecutor import ThreadPoolExecutor
+
+    class GuardedThreadPoolExecutor(ThreadPoolExecutor):  # the name must say ThreadPoolExecutor
+        def submit(self, fn: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+            return super().submit(_exit_guard, fn, args, kwargs)
+
+    return GuardedThreadPoolExecutor(nthreads, thread_name_prefix="Dask-Default-Threads")
+
+
+def _task_key(exc: BaseException) -> Any:
+    """The key of the Dask task ``exc`` came out of (from distributed's frames), or "?"."""
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == "_run_task" and "key" in tb.tb_frame.f_locals:
+            return tb.tb_frame.f_locals["key"]
+        tb = tb.tb_next
+    return "?"
+
+
+def _exit_guard(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    try:
+        return fn(*args, **kwargs)
+    except SystemExit as exc:
+        from mpi4py import MPI
+
+        from .runtime import abort
+
+        key = _task_key(exc)
+        rank = MPI.COMM_WORLD.Get_rank()
+        print(
+            f"hpcshare: error: task {key!r} called sys.exit({exc.code!r}) on worker rank {rank} "
+            f"({socket.gethostname()}); a task cannot end its worker, raise an exception instead. "
+            "Ending the job.",
+            file=sys.stderr,
+            flush=True,
+        )
+        abort(code=exc.code if isinstance(exc.code, int) and 0 < exc.code < 256 else 1)
+        raise  # not reached
+
+
+def _dashboard_hint(client: Client, address: str) -> str:
+    """How to reach the Dask dashboard from a laptop, or why there is none (local, on the client)."""
+    from .security import dashboard_is_open
+
     port = client.scheduler_info().get("services", {}).get("dashboard")
+    host = client.run_on_scheduler(socket.gethostname)
+    if dashboard_is_open(address):
+        return (
+            f"hpcshare: warning: the scheduler's HTTP server (the Dask dashboard, with bokeh) listens "
+            f"on {address} on {host} with no login: everyone who can reach it sees the job's tasks "
+            "and workers; the default, localhost:8787, keeps it to this node (reach it with an ssh "
+            "forward)"
+        )
     if not port:
         return "hpcshare: no Dask dashboard (it needs bokeh: pip install 'bokeh>=3.1')"
-    host = client.run_on_scheduler(socket.gethostname)
     return (
-        f"hpcshare: Dask dashboard on {host}:{port}; from your machine: "
-        f"ssh -N -L {port}:{host}:{port} LOGIN-NODE, then open http://localhost:{port}/status"
+        f"hpcshare: Dask dashboard on {host}, port {port}, loopback only; from your machine: "
+        f"ssh -N -J LOGIN-NODE -L {port}:localhost:{port} {host}, then open http://localhost:{port}/status"
     )
 
 
@@ -253,8 +313,9 @@ def client_main(
     try:
         client.wait_for_workers(n_workers, timeout=config.timeout)
         client.register_plugin(ViewGuard(), name=ViewGuard.name)
-        if not config.quiet:
-            print(_dashboard_hint(client), flush=True)
+        hint = _dashboard_hint(client, config.dashboard_address)
+        if not config.quiet or "warning" in hint:
+            print(hint, flush=True)
         return _call_main(main, client, handles)
     except Exception as exc:
         return None, exc
@@ -290,6 +351,12 @@ class DaskCluster:
         if self._address is None:
             dask.config.config.pop("scheduler-address", None)
 
+    def _worker_options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {"name": f"rank-{self.topo.rank}"}
+        if self.topo.role == "worker":
+            options["executor"] = _task_executor(self.config.nthreads)
+        return options
+
     def run(self, main: MainFunction, handles: Mapping[str, Handle]) -> tuple[Any, BaseException | None]:
         """Scheduler, client running ``main``, or worker, until Dask stops (collective on world).
 
@@ -297,19 +364,30 @@ class DaskCluster:
         on any rank whose role failed; every rank returns, so that the caller
         can tear down collectively.
         """
+        import dask
         from dask_mpi import initialize
 
+        from .exchange import begin_collective_phase
+        from .security import dask_tls_config, listen_interface, share_credentials
+
         try:
-            is_client = initialize(
-                comm=idle_startup_comm(self.topo.world, self.config.timeout),
-                exit=False,
-                nthreads=self.config.nthreads,
-                memory_limit=worker_memory_limit(self.topo, self.config, self.shared_bytes),
-                dashboard_address=self.config.dashboard_address,
-                worker_options={"name": f"rank-{self.topo.rank}"},
-            )
-            if is_client:
-                return client_main(main, handles, self.topo.size - 2, self.config)
+            begin_collective_phase()  # until dask-mpi's start-up barrier has passed (idle_startup_comm)
+            tls: dict[str, Any] = {}
+            if self.config.tls:
+                tls = dask_tls_config(share_credentials(self.topo.world, self.config.timeout))
+            with dask.config.set(tls):
+                is_client = initialize(
+                    comm=idle_startup_comm(self.topo.world, self.config.timeout),
+                    exit=False,
+                    interface=listen_interface(self.config.interface, self.topo.n_hosts),
+                    protocol="tls" if self.config.tls else "tcp",
+                    nthreads=self.config.nthreads,
+                    memory_limit=worker_memory_limit(self.topo, self.config, self.shared_bytes),
+                    dashboard_address=self.config.dashboard_address,
+                    worker_options=self._worker_options(),
+                )
+                if is_client:
+                    return client_main(main, handles, self.topo.size - 2, self.config)
             return None, None
         except BaseException as exc:  # every rank must still reach the teardown
             return None, exc

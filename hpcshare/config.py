@@ -30,9 +30,12 @@ _KEYS = {
     "shm_headroom": "hpcshare.shm-headroom",
     "quiet": "hpcshare.quiet",
     "timeout": "hpcshare.timeout",
+    "placement_timeout": "hpcshare.placement-timeout",
     "nthreads": "hpcshare.worker.nthreads",
     "memory_limit": "hpcshare.worker.memory-limit",
     "dashboard_address": "hpcshare.dashboard-address",
+    "tls": "hpcshare.tls",
+    "interface": "hpcshare.interface",
     "dask_log_level": "hpcshare.dask-log-level",
     "prefault": "hpcshare.prefault",
 }
@@ -87,9 +90,12 @@ class JobConfig:
     shm_headroom: int = 64 * 2**20
     quiet: bool = False
     timeout: float = 120.0
+    placement_timeout: float = 3600.0  # reading inputs, running source functions
     nthreads: int = 1
     memory_limit: int | None = None  # None: auto
-    dashboard_address: str = ":8787"
+    dashboard_address: str = "localhost:8787"
+    tls: bool = True
+    interface: str | None = None  # None: loopback on one host, else the host address's interface
     dask_log_level: str = "warning"
     prefault: bool = True
 
@@ -125,11 +131,14 @@ class JobConfig:
             shm_headroom=size_in_bytes("shm_headroom", raw["shm_headroom"]),
             quiet=parse_flag(raw["quiet"]),
             timeout=_seconds("timeout", raw["timeout"]),
+            placement_timeout=_seconds("placement_timeout", raw["placement_timeout"]),
             nthreads=positive_int("nthreads", raw["nthreads"]),
             memory_limit=None
             if memory_limit in (None, "auto")
             else size_in_bytes("memory_limit", memory_limit),
             dashboard_address=str(raw["dashboard_address"]),
+            tls=parse_flag(raw["tls"]),
+            interface=str(raw["interface"]) if raw["interface"] not in (None, "", "auto") else None,
             dask_log_level=level,
             prefault=parse_flag(raw["prefault"]),
         )

@@ -37,7 +37,14 @@ class InputError(HpcshareError, ValueError):
     def from_failure(cls, name: str, what: str, exc: BaseException) -> InputError:
         """``input NAME: WHAT TypeName: message (at file:line)``, for user code that raised ``exc``."""
         tb = traceback.extract_tb(exc.__traceback__)[-1]
-        return cls(f"input {name!r}: {what} {type(exc).__name__}: {exc} (at {tb.filename}:{tb.lineno})")
+        if isinstance(exc, SystemExit):
+            failure = (
+                f"called sys.exit({exc.code!r}); a source cannot end the job, raise an exception instead"
+            )
+            what = what.removesuffix(" raised").removesuffix(" failed with")
+        else:
+            failure = f"{type(exc).__name__}: {exc}"
+        return cls(f"input {name!r}: {what} {failure} (at {tb.filename}:{tb.lineno})")
 
 
 class CapacityError(HpcshareError, MemoryError):

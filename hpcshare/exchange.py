@@ -26,10 +26,12 @@ Every wait is idle (short, growing sleeps; no spinning) and bounded by
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import mmap
 import threading
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from dask.utils import format_bytes
@@ -63,6 +65,35 @@ def current() -> Exchange:
             "rank) or in a task on one of the job's workers."
         )
     return _current
+
+
+_collective = threading.Event()  # set while this process's main thread is in a collective
+
+
+@contextlib.contextmanager
+def collective_phase() -> Iterator[None]:
+    """Keep the leader's service thread out of MPI while the main thread runs collectives.
+
+    With MPICH's netmod between nodes, a thread polling for put requests
+    while the other ranks wait in dask-mpi's start-up barrier left that
+    barrier unfinished in about half of the runs under Slurm (two nodes).
+    No put can be in flight then: puts start once Dask runs.
+    """
+    _collective.set()
+    try:
+        yield
+    finally:
+        _collective.clear()
+
+
+def begin_collective_phase() -> None:
+    """The main thread is about to run collectives on world (Dask's start-up handshake)."""
+    _collective.set()
+
+
+def end_collective_phase() -> None:
+    """The main thread's collectives are over (dask-mpi's last start-up barrier passed)."""
+    _collective.clear()
 
 
 def _receive(comm: MPI.Comm, source: int, tag: int, timeout: float, what: str) -> Any:
@@ -115,6 +146,7 @@ class Exchange:
         from mpi4py import MPI
 
         self.threads_ok = MPI.Query_thread() >= MPI.THREAD_MULTIPLE
+        end_collective_phase()  # a job before this one in the process may have ended mid-phase
         if topo.is_leader and self.threads_ok:
             self._thread = threading.Thread(target=self._serve, name="hpcshare-exchange", daemon=True)
             self._thread.start()
@@ -273,6 +305,9 @@ class Exchange:
         sleep = _MIN_SLEEP
         status = MPI.Status()
         while not self._stop.is_set():
+            if _collective.is_set():  # the main thread is in a collective on world: stay out of MPI
+                time.sleep(_MAX_SLEEP)
+                continue
             message = comm.improbe(tag=_REQUEST, status=status)
             if message is None:
                 time.sleep(sleep)

@@ -343,7 +343,7 @@ class FunctionSource(Source):
         func = self._load()
         try:
             result = func()
-        except Exception as exc:
+        except (Exception, SystemExit, KeyboardInterrupt) as exc:  # sys.exit() in a source too
             raise InputError.from_failure(self.name, f"{self.text} raised", exc) from exc
         if isinstance(result, Fill):
             dtype = np.dtype(result.dtype)

@@ -169,10 +169,10 @@ def _readers(topo: Topology, config: JobConfig) -> int:
     return max(1, min(topo.node.Get_size(), CPU_COUNT))
 
 
-def _describe(topo: Topology, sources: Sequence[Source]) -> list[ArrayMeta]:
+def _describe(topo: Topology, sources: Sequence[Source], config: JobConfig) -> list[ArrayMeta]:
     """Step 1: learn every input's metadata on world rank 0 (collective on world)."""
     metas: list[ArrayMeta] | None = None
-    with sync.Collective(topo.world):
+    with sync.Collective(topo.world, timeout=config.placement_timeout):
         if topo.rank == 0:
             metas = [src.describe() for src in sources]
     metas = sync.bcast(topo.world, metas)
@@ -254,7 +254,7 @@ def _fill(
 ) -> None:
     """Step 4: read every file input, write every function source (collective on world)."""
     readers = _readers(topo, config)
-    with sync.Collective(topo.world):
+    with sync.Collective(topo.world, timeout=config.placement_timeout):
         for src, meta, win in zip(sources, metas, windows, strict=True):
             try:
                 if src.parallel:
@@ -263,7 +263,7 @@ def _fill(
                     _write_once(topo, src, meta, win, readers, config)
             except HpcshareError:
                 raise
-            except Exception as exc:
+            except (Exception, SystemExit, KeyboardInterrupt) as exc:  # a rank must not leave alone
                 raise InputError.from_failure(src.name, f"placing {src.text} failed with", exc) from exc
         clock.own_done()
 
@@ -375,7 +375,7 @@ def place_inputs(
     """
     chatty = topo.rank == 0 and not config.quiet
     clock = _Clock()
-    metas = _describe(topo, sources)
+    metas = _describe(topo, sources, config)
     clock.step("describe")
     _check_capacity(topo, metas, config)
     clock.step("capacity")

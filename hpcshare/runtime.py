@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
 import uuid
 from collections.abc import Callable, Mapping
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from . import shm, store, sync
 from .cluster import DaskCluster
 from .config import JobConfig
-from .exchange import Exchange
+from .exchange import Exchange, collective_phase
 from .handles import Handle
 from .importing import MainFunction, load_main
 from .loaders import Source, TableSource, source_for, table_source_for
@@ -48,6 +49,36 @@ def abort(comm: MPI.Comm | None = None, code: int = 1) -> None:
     from mpi4py import MPI
 
     (comm or MPI.COMM_WORLD).Abort(code)
+
+
+_launcher: int | None = None  # the parent process (the launcher's proxy) when the job started
+
+
+def launcher_gone() -> bool:
+    """Whether the process that started this rank has died (local): MPI_Abort would hang then."""
+    return _launcher is not None and os.getppid() != _launcher
+
+
+def _end_with_launcher() -> None:
+    """Have the kernel send this rank SIGTERM when its launcher dies (local; Linux).
+
+    A batch system that SIGKILLs mpiexec and its proxy after the grace time
+    would otherwise leave the ranks running on as orphans until ``main``
+    ends. SIGTERM ends the job as scancel does (the CLI's handler unlinks
+    the shared memory first; the watcher sweeps what is left).
+    """
+    import ctypes
+    import ctypes.util
+
+    global _launcher
+    parent = _launcher = os.getppid()
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the launcher died before the request was in place
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _preflight(
@@ -158,6 +189,7 @@ def run(
 
     world = MPI.COMM_WORLD if comm is None else comm
     install_handler(only_if_unconfigured=True)
+    _end_with_launcher()
     config, job, sources, tables = _preflight(world, main, inputs, options)
     with contextlib.ExitStack() as stack:
         topo = stack.enter_context(Topology.create(world, config.ranks_per_node))
@@ -173,6 +205,7 @@ def run(
         handles = {**placement.handles, **_place_tables(topo, exchange, tables)}
         with DaskCluster(topo, config, placement.nbytes) as cluster:
             result, error = cluster.run(job, handles)
-        _end_of_job_report(topo, placement.nbytes, len(placement.inputs), config, generation, error)
+        with collective_phase():  # the report measures collectively
+            _end_of_job_report(topo, placement.nbytes, len(placement.inputs), config, generation, error)
     sync.agree(world, error)
     return result if topo.rank == CLIENT_RANK else None

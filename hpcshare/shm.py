@@ -12,7 +12,9 @@ those files lives here:
   appeared and that no live process maps any more;
 - :func:`free_space`, :func:`check_capacity`: room before allocating;
 - :class:`Watcher`: one process per host that unlinks the job's files once
-  every rank on that host is gone, however the ranks ended.
+  every rank on that host is gone, however the ranks ended. It learns the
+  files as they appear, from the ranks' maps, so it knows every MPI
+  library's (MPICH ``mpich_shm_*``, Open MPI ``sm_segment.*``, ...).
 
 This file is also the watcher's program (``python -I shm.py PIDS PATH...``,
 a PATH ending in ``*`` a prefix of files made later),
@@ -222,7 +224,11 @@ def _watch(argv: list[str]) -> int:
     pids = [int(p) for p in argv[0].split(",") if p]
     paths = [p for p in argv[1:] if not p.endswith("*")]
     patterns = [p[:-1] for p in argv[1:] if p.endswith("*")]  # prefixes of files made later
-    while any(_alive(p) for p in pids):
+    shm_dir = os.path.dirname((paths or patterns or [SHM_DIR + "/"])[0])
+    while live := [p for p in pids if _alive(p)]:
+        # files the MPI library (any of them) creates while the job runs: whatever the ranks map
+        for pid in live:
+            paths += [f for f in mapped_shm_files(shm_dir, pid) if f not in paths]
         if not patterns and not any(os.path.exists(p) for p in paths):
             return 0  # the MPI library cleaned up; nothing left to watch
         time.sleep(_WATCH_EVERY)

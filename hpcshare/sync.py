@@ -9,6 +9,7 @@ non-blocking request polled with short, growing sleeps.
 from __future__ import annotations
 
 import pickle
+import sys
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -64,14 +65,31 @@ def _portable(exc: BaseException) -> bytes:
         return pickle.dumps(HpcshareError(f"{type(exc).__name__}: {exc}"))
 
 
-def agree(comm: MPI.Comm, error: BaseException | None) -> None:
+def configured_timeout() -> float:
+    """``hpcshare.timeout`` in seconds, from Dask's config (local; 120 if unset or unreadable)."""
+    import dask
+    from dask.utils import parse_timedelta
+
+    try:
+        return float(parse_timedelta(dask.config.get("hpcshare.timeout", 120), default="seconds"))
+    except (TypeError, ValueError, KeyError):
+        return 120.0
+
+
+def agree(comm: MPI.Comm, error: BaseException | None, timeout: float | None = None) -> None:
     """Raise the same error on every rank if any rank had one (collective).
 
     The rank that had the error (the lowest, if several) re-raises its own
     exception; every other rank raises a copy marked with :func:`origin_of`,
-    so a launcher prints the message once.
+    so a launcher prints the message once. A rank that waits longer than
+    ``timeout`` (default ``hpcshare.timeout``) for the others ends the whole
+    job: they are stuck, and nothing else would end it.
     """
-    barrier(comm)
+    limit = configured_timeout() if timeout is None else timeout
+    try:
+        barrier(comm, timeout=limit, what="the other ranks to finish this step")
+    except WaitTimeout as exc:
+        _give_up(exc, error)
     report = None if error is None else _portable(error)
     reports = comm.allgather(report)
     failed = [r for r, rep in enumerate(reports) if rep is not None]
@@ -103,21 +121,34 @@ def agreed(exc: BaseException) -> bool:
     return origin_of(exc) is not None or getattr(exc, "_hpcshare_agreed", False)
 
 
+def _give_up(exc: WaitTimeout, error: BaseException | None) -> None:
+    """End the whole job from a rank that waited too long (local; does not return)."""
+    from mpi4py import MPI
+
+    from .runtime import abort
+
+    rank = MPI.COMM_WORLD.Get_rank()
+    mine = "" if error is None else f" (this rank had failed: {type(error).__name__}: {error})"
+    print(f"hpcshare: rank {rank}: {exc}{mine}; ending the job", file=sys.stderr, flush=True)
+    abort(code=1)
+
+
 class Collective:
     """Context manager: run a block on every rank, then :func:`agree`.
 
     ``with Collective(comm): ...`` catches an exception in the block, meets
-    the other ranks, and raises the first rank's error everywhere.
+    the other ranks, and raises the first rank's error everywhere. That
+    includes SystemExit and KeyboardInterrupt: a rank that left on its own
+    would leave the others waiting. ``timeout`` bounds the wait for the
+    slowest rank (default ``hpcshare.timeout``).
     """
 
-    def __init__(self, comm: MPI.Comm) -> None:
-        self.comm = comm
+    def __init__(self, comm: MPI.Comm, timeout: float | None = None) -> None:
+        self.comm, self.timeout = comm, timeout
 
     def __enter__(self) -> Collective:
         return self
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
-        if exc is not None and not isinstance(exc, Exception):
-            return False  # KeyboardInterrupt, SystemExit: let them through
-        agree(self.comm, exc)
+        agree(self.comm, exc, self.timeout)
         return True

@@ -84,6 +84,7 @@ class Topology:
     host : ranks on the same physical machine (several emulated nodes)
     leaders : node rank 0 of every node; ``MPI.COMM_NULL`` on other ranks
     node_index : this node's number, 0 .. n_nodes-1
+    n_hosts : how many physical machines the job spans
     """
 
     world: MPI.Intracomm
@@ -93,6 +94,7 @@ class Topology:
     node_index: int
     n_nodes: int
     hostname: str
+    n_hosts: int = 1  #: physical machines the job spans
 
     @classmethod
     def create(cls, world: MPI.Intracomm, ranks_per_node: int | None = None) -> Topology:
@@ -117,6 +119,7 @@ class Topology:
         else:
             info = (0, 0)
         node_index, n_nodes = node.bcast(info, root=0)
+        n_hosts = world.allreduce(1 if host.Get_rank() == 0 else 0)
         return cls(
             world=world,
             node=node,
@@ -125,6 +128,7 @@ class Topology:
             node_index=node_index,
             n_nodes=n_nodes,
             hostname=socket.gethostname(),
+            n_hosts=n_hosts,
         )
 
     @property

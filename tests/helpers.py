@@ -54,7 +54,7 @@ def run_cmd(
 ) -> Run:
     """Run a command in its own process group; on timeout kill the group and fail."""
     full_env = dict(os.environ)
-    full_env.setdefault("DASK_HPCSHARE__DASHBOARD_ADDRESS", ":0")
+    full_env.setdefault("DASK_HPCSHARE__DASHBOARD_ADDRESS", "localhost:0")
     full_env.setdefault("OMP_NUM_THREADS", "1")
     full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), full_env.get("PYTHONPATH", "")]))
     if env:

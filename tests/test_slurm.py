@@ -105,7 +105,7 @@ def test_single_node_srun_template_runs_the_demo(slurm, tmp_path):
     assert rows[0]["inputs"] == 64 * 2**20
     assert re.search(r"Dask dashboard|no Dask dashboard", job.log), job
     if "Dask dashboard on" in job.log:
-        assert re.search(r"ssh -N -L \d+:\S+:\d+ ", job.log), job
+        assert re.search(r"ssh -N -J LOGIN-NODE -L \d+:localhost:\d+ \S+,", job.log), job
 
 
 def test_single_node_mpirun_template_runs_a_job_file(slurm, inputs):

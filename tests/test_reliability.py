@@ -1,0 +1,74 @@
+"""Every exit path ends the whole job quickly, says why, and leaves nothing behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+from helpers import hpcshare, mpiexec
+
+
+@pytest.mark.usefixtures("clean_shm")
+def test_sys_exit_in_a_source_function_is_an_input_error_not_a_hang(tmp_path):
+    (tmp_path / "src.py").write_text("import sys\ndef make():\n    sys.exit(3)\n")
+    run = hpcshare(3, "job", "-i", f"x={tmp_path / 'src.py'}:make", timeout=60)
+    assert run.returncode != 0, run
+    assert run.seconds < 30, run
+    assert "input 'x'" in run.stderr and "called sys.exit(3)" in run.stderr, run
+    assert run.stderr.count("error:") == 1, run
+
+
+@pytest.mark.usefixtures("clean_shm")
+def test_sys_exit_in_a_task_ends_the_job_at_once_naming_the_task_and_worker(tmp_path):
+    job = tmp_path / "job.py"
+    job.write_text(
+        "import sys\n"
+        "def bye(i):\n    sys.exit(5)\n"
+        "def main(client, inputs):\n    client.submit(bye, 1, key='the-bye-task').result()\n"
+    )
+    run = hpcshare(3, "job", str(job), "-q", timeout=60)
+    assert run.returncode == 5, run
+    assert run.seconds < 30, run  # not the 120 s timeout
+    assert "task 'the-bye-task' called sys.exit(5) on worker rank 2" in run.stderr, run
+
+
+@pytest.mark.usefixtures("clean_shm")
+def test_ranks_end_within_seconds_when_their_launcher_is_killed(tmp_path):
+    job = tmp_path / "job.py"
+    job.write_text("import time\ndef main(client, inputs):\n    time.sleep(120)\n")
+    proc = subprocess.Popen(
+        [mpiexec(), "-n", "3", sys.executable, "-m", "hpcshare", "job", str(job), "-q"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    ranks: list[psutil.Process] = []
+    deadline = time.monotonic() + 60
+    while len(ranks) < 3 and time.monotonic() < deadline:  # the ranks are up and in main
+        time.sleep(0.5)
+        tree = psutil.Process(proc.pid).children(recursive=True)
+        ranks = [p for p in tree if "hpcshare" in " ".join(p.cmdline()) and p.ppid() != proc.pid]
+    assert len(ranks) == 3, ranks
+    time.sleep(3)
+    launcher = [psutil.Process(proc.pid), *{psutil.Process(r.ppid()) for r in ranks}]
+    for p in launcher:  # what a batch system does after the grace time: SIGKILL, no cleanup
+        os.kill(p.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+    deadline = time.monotonic() + 15
+    while (alive := [p for p in ranks if _running(p)]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for p in alive:
+        p.kill()
+    assert not alive, f"ranks still running 15 s after their launcher died: {alive}"
+
+
+def _running(p: psutil.Process) -> bool:
+    try:
+        return p.status() != psutil.STATUS_ZOMBIE  # a zombie has ended; nobody is left to reap it
+    except psutil.NoSuchProcess:
+        return False

@@ -1,0 +1,161 @@
+"""Only the job reaches its Dask cluster: TLS with the job's certificates, loopback on one host."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from helpers import ROOT, mpiexec
+
+from hpcshare.security import Credentials, dashboard_is_open, listen_interface, make_credentials
+
+# main() publishes what an outsider would look for, then waits (bounded) to be let go
+JOB = """
+import json, os, time
+from pathlib import Path
+
+def _ports(dask_worker=None, dask_scheduler=None):
+    server = dask_worker or dask_scheduler
+    return [server.http_server.port, *(int(x.listen_address.rsplit(":", 1)[1]) for x in server.listeners)]
+
+def main(client, inputs):
+    info = client.scheduler_info()
+    out = Path(os.environ["PROBE_DIR"])
+    (out / "cluster.json").write_text(json.dumps({
+        "scheduler": client.scheduler.address,
+        "workers": sorted(info["workers"]),
+        "pids": [os.getpid(), *client.run(os.getpid).values(), client.run_on_scheduler(os.getpid)],
+        "dask_ports": [*sum(client.run(_ports).values(), []), *client.run_on_scheduler(_ports)],
+    }))
+    deadline = time.monotonic() + 90
+    while not (out / "go").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    # the job itself still works over TLS
+    assert client.submit(sum, [1, 2, 3]).result() == 6
+"""
+
+OUTSIDER = """
+import sys
+from distributed import Client
+from distributed.security import Security
+
+address, how = sys.argv[1], sys.argv[2]
+kwargs = {"timeout": 5}
+if how == "tcp":
+    address = address.replace("tls://", "tcp://")
+elif how == "own-certificate":  # TLS, but a certificate the job's authority did not sign
+    kwargs["security"] = Security.temporary()
+try:
+    with Client(address, **kwargs) as c:
+        print("CONNECTED", c.run_on_scheduler(lambda: "ran code in the job"))
+except Exception as exc:
+    print("REFUSED", type(exc).__name__)
+"""
+
+
+def _start(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[str], dict]:
+    job = tmp_path / "job.py"
+    job.write_text(JOB)
+    env = {
+        **__import__("os").environ,
+        "PROBE_DIR": str(tmp_path),
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(ROOT),
+    }
+    proc = subprocess.Popen(
+        [mpiexec(), "-n", "4", sys.executable, "-m", "hpcshare", "job", str(job), "-q", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 90
+    while not (tmp_path / "cluster.json").exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the job did not start"
+        time.sleep(0.1)
+    time.sleep(0.2)  # the file is written in one call; let it land
+    return proc, json.loads((tmp_path / "cluster.json").read_text())
+
+
+def _outsider(address: str, how: str) -> str:
+    run = subprocess.run(
+        [sys.executable, "-c", OUTSIDER, address, how], capture_output=True, text=True, timeout=60
+    )
+    return run.stdout.strip() or run.stderr
+
+
+def _listening(pids: list[int]) -> set[tuple[str, int]]:
+    return {
+        (conn.laddr.ip, conn.laddr.port)
+        for conn in psutil.net_connections(kind="inet")
+        if conn.status == psutil.CONN_LISTEN and conn.pid in pids
+    }
+
+
+def _finish(proc: subprocess.Popen[str], tmp_path: Path) -> tuple[str, str]:
+    (tmp_path / "go").touch()
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, (out, err)
+    return out, err
+
+
+@pytest.mark.usefixtures("clean_shm")
+def test_an_outside_client_is_refused_and_nothing_listens_beyond_loopback(tmp_path):
+    proc, cluster = _start(tmp_path)
+    try:
+        assert cluster["scheduler"].startswith("tls://127.0.0.1:"), cluster
+        assert all(w.startswith("tls://127.0.0.1:") for w in cluster["workers"]), cluster
+        for how in ("no-certificate", "tcp", "own-certificate"):
+            answer = _outsider(cluster["scheduler"], how)
+            assert answer.startswith("REFUSED"), (how, answer)
+            for worker in cluster["workers"]:
+                answer = _outsider(worker, how)
+                assert answer.startswith("REFUSED"), (how, worker, answer)
+        # every Dask server (scheduler, workers, their HTTP servers, the dashboard) on loopback;
+        # the MPI library's own sockets (its launcher's, its network module's) are not Dask's
+        listening = _listening(cluster["pids"])
+        dask = {(ip, port) for ip, port in listening if port in cluster["dask_ports"]}
+        assert len(dask) == len(cluster["dask_ports"]), (listening, cluster)
+        assert {ip for ip, _ in dask} == {"127.0.0.1"}, dask
+    finally:
+        if proc.poll() is None:
+            _finish(proc, tmp_path)
+
+
+@pytest.mark.usefixtures("clean_shm")
+def test_no_tls_is_plain_tcp_still_on_loopback_and_a_wide_dashboard_is_warned_about(tmp_path):
+    proc, cluster = _start(tmp_path, "--no-tls", "--dashboard-address", ":0")
+    try:
+        assert cluster["scheduler"].startswith("tcp://127.0.0.1:"), cluster
+        assert _outsider(cluster["scheduler"], "tcp").startswith("CONNECTED")  # what --no-tls gives up
+    finally:
+        out, _ = _finish(proc, tmp_path)
+    assert "warning: the scheduler's HTTP server (the Dask dashboard, with bokeh) listens on :0" in out, out
+
+
+def test_the_jobs_certificates_are_fresh_signed_by_its_own_authority_and_never_printed():
+    from cryptography import x509
+
+    a, b = make_credentials(), make_credentials()
+    assert a.ca != b.ca and a.key != b.key  # every job its own
+    ca, cert = x509.load_pem_x509_certificate(a.ca.encode()), x509.load_pem_x509_certificate(a.cert.encode())
+    cert.verify_directly_issued_by(ca)
+    assert "PRIVATE KEY" not in repr(a) and "PRIVATE KEY" not in str(a)
+    assert isinstance(a, Credentials)
+
+
+def test_interfaces_and_dashboard_addresses():
+    assert listen_interface(None, hosts=1) in psutil.net_if_addrs()
+    with pytest.raises(Exception, match="not an interface of"):
+        listen_interface("ib-no-such-card", hosts=1)
+    assert not dashboard_is_open("localhost:8787") and not dashboard_is_open("127.0.0.1:8787")
+    assert (
+        dashboard_is_open(":8787") and dashboard_is_open("0.0.0.0:8787") and dashboard_is_open("node7:8787")
+    )
