@@ -295,9 +295,10 @@ def _publish(topo: Topology, sources: Sequence[Source], windows: Sequence[NodeWi
 def _register(
     sources: Sequence[Source], metas: Sequence[ArrayMeta], windows: Sequence[NodeWindow], generation: str
 ) -> dict[str, PlacedInput]:
-    """Step 6: a read-only view and a handle per input (local)."""
+    """Step 6: the windows sealed read-only, a read-only view and a handle per input (local)."""
     placed = {}
     for src, meta, win in zip(sources, metas, windows, strict=True):
+        win.seal()  # placed: from here on the pages are read-only in this process
         register(src.name, generation, win.array(meta.shape, meta.dtype, meta.order))
         handle = ArrayHandle(src.name, meta.shape, meta.dtype, meta.order, generation)
         placed[src.name] = PlacedInput(src, meta, win, handle)

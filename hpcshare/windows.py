@@ -24,6 +24,7 @@ _deferred: list[NodeWindow] = []
 
 _MADV_HUGEPAGE = 14
 _MADV_POPULATE_WRITE = 23  # Linux 5.14+
+_PROT_READ = 1
 
 
 def kept_mapped() -> int:
@@ -55,6 +56,7 @@ class NodeWindow:
         self.name = name
         buf, _ = win.Shared_query(0)
         self._base: np.ndarray | None = np.frombuffer(buf, dtype=np.uint8, count=nbytes)  # type: ignore[call-overload]
+        self._readonly: Any = None  # the bytes as a read-only buffer with no way back to a writable one
 
     @classmethod
     def allocate(cls, comm: MPI.Comm, nbytes: int, name: str) -> NodeWindow:
@@ -94,9 +96,37 @@ class NodeWindow:
         return self._base
 
     def array(self, shape: tuple[int, ...], dtype: np.dtype, order: str) -> np.ndarray:
-        """The window's bytes as an array of ``shape``, ``dtype`` and memory ``order`` (local)."""
-        flat = self.bytes()[: int(np.prod(shape, dtype=np.int64)) * dtype.itemsize]
-        return flat.view(dtype).reshape(shape, order=order)  # type: ignore[call-overload]
+        """The window's bytes as a read-only array of ``shape``, ``dtype`` and memory ``order`` (local).
+
+        Every base in its chain is read-only (a buffer made from the address,
+        read-only, that refers to no writable object), so NumPy refuses
+        ``flags.writeable = True`` on it and on any view of it.
+        """
+        if self._readonly is None:
+            from mpi4py import MPI
+
+            self._readonly = MPI.buffer.fromaddress(self.bytes().ctypes.data, self.nbytes, readonly=True)
+        count = int(np.prod(shape, dtype=np.int64))
+        flat = np.frombuffer(self._readonly, dtype=dtype, count=count)
+        return flat.reshape(shape, order=order)  # type: ignore[call-overload]
+
+    def seal(self) -> bool:
+        """Map the window's whole pages read-only in this process (local; after placement).
+
+        A write from C code then faults instead of changing every worker's
+        input. Returns whether the kernel agreed; the bytes of a partial first
+        or last page (shared with the MPI library's other segments) stay
+        writable at that level, and read-only through NumPy.
+        """
+        libc = _libc()
+        if libc is None or self.nbytes == 0:
+            return False
+        page = mmap.PAGESIZE
+        start = self.bytes().ctypes.data
+        lo, hi = -(-start // page) * page, (start + self.nbytes) // page * page
+        if hi <= lo:
+            return False
+        return libc.mprotect(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _PROT_READ) == 0
 
     def prefault(self, start: int, stop: int) -> None:
         """Have the kernel allocate the pages of bytes ``start:stop`` in one call (local; best effort).
@@ -129,8 +159,11 @@ class NodeWindow:
         """How many arrays other than our own still use the window's memory (local)."""
         if self._base is None:
             return 0
-        # our references: self._base, the getrefcount argument
-        return max(sys.getrefcount(self._base) - 2, 0)
+        # our references: self._base (self._readonly), the getrefcount argument
+        alive = max(sys.getrefcount(self._base) - 2, 0)
+        if self._readonly is not None:  # arrays from array() hold the read-only buffer
+            alive += max(sys.getrefcount(self._readonly) - 2, 0)
+        return alive
 
     def free(self) -> None:
         """Free the window (collective on the node communicator). Idempotent.
@@ -145,7 +178,7 @@ class NodeWindow:
             return
         barrier(self._comm)  # wait idle; the allreduce after it is then quick
         alive = self._comm.allreduce(self.views_alive(), op=MPI.MAX)
-        self._base = None
+        self._base = self._readonly = None
         self._win.Unlock_all()
         if not alive:
             self._win.Free()

@@ -47,18 +47,23 @@ def test_ranks_end_within_seconds_when_their_launcher_is_killed(tmp_path):
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    ranks: list[psutil.Process] = []
-    deadline = time.monotonic() + 60
-    while len(ranks) < 3 and time.monotonic() < deadline:  # the ranks are up and in main
-        time.sleep(0.5)
-        tree = psutil.Process(proc.pid).children(recursive=True)
-        ranks = [p for p in tree if "hpcshare" in " ".join(p.cmdline()) and p.ppid() != proc.pid]
-    assert len(ranks) == 3, ranks
-    time.sleep(3)
-    launcher = [psutil.Process(proc.pid), *{psutil.Process(r.ppid()) for r in ranks}]
-    for p in launcher:  # what a batch system does after the grace time: SIGKILL, no cleanup
-        os.kill(p.pid, signal.SIGKILL)
-    proc.wait(timeout=10)
+    try:
+        ranks: list[psutil.Process] = []
+        deadline = time.monotonic() + 60
+        while len(ranks) < 3 and time.monotonic() < deadline:  # the ranks are up and in main
+            time.sleep(0.5)
+            tree = psutil.Process(proc.pid).children(recursive=True)
+            # MPICH: mpiexec -> hydra proxy -> ranks; Open MPI: prterun -> ranks
+            ranks = [p for p in tree if p.exe() == psutil.Process().exe() and "-m" in p.cmdline()]
+        assert len(ranks) == 3, ranks
+        time.sleep(3)
+        launcher = {proc.pid, *(r.ppid() for r in ranks)}
+        for pid in launcher:  # what a batch system does after the grace time: SIGKILL, no cleanup
+            os.kill(pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
     deadline = time.monotonic() + 15
     while (alive := [p for p in ranks if _running(p)]) and time.monotonic() < deadline:
         time.sleep(0.2)

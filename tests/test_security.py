@@ -159,3 +159,58 @@ def test_interfaces_and_dashboard_addresses():
     assert (
         dashboard_is_open(":8787") and dashboard_is_open("0.0.0.0:8787") and dashboard_is_open("node7:8787")
     )
+
+
+ATTACK = """
+import ctypes, json, os, signal
+import numpy as np
+
+def attack(h):
+    v = h.resolve()
+    out = {}
+    try:  # the finding: a view made writable again wrote through to every worker
+        w = v.view()
+        w.flags.writeable = True
+        w[0] = 99.0
+        out["view"] = "wrote"
+    except ValueError:
+        out["view"] = "refused"
+    try:  # ... and so did the base, a writable uint8 array over the whole window
+        b = np.asarray(v.base)
+        b.flags.writeable = True
+        out["base"] = "wrote"
+    except (ValueError, TypeError):
+        out["base"] = "refused"
+    out["base_obj"] = repr(getattr(v.base, "obj", None))
+    pid = os.fork()  # C code writing to the pages: in a child, so that its fault ends only the child
+    if pid == 0:
+        ctypes.memset(v.ctypes.data + 65536, 0x41, 8)
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    out["c_write"] = "faulted" if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGSEGV else status
+    return out
+
+def read(h):
+    v = h.resolve().reshape(-1)
+    return [float(v[0]), float(v[65536 // 8])]
+
+def main(client, inputs):
+    h = inputs["x"]
+    print("ATTACK", json.dumps(client.submit(attack, h, pure=False).result()))
+    print("AFTER", json.dumps(client.gather(client.map(read, [h] * 4, pure=False))))
+"""
+
+
+@pytest.mark.usefixtures("clean_shm")
+def test_shared_inputs_cannot_be_written_through_numpy_or_from_c(tmp_path):
+    import numpy as np
+    from helpers import hpcshare
+
+    np.save(tmp_path / "x.npy", np.arange(1 << 20, dtype=np.float64))
+    (tmp_path / "job.py").write_text(ATTACK)
+    run = hpcshare(4, "job", str(tmp_path / "job.py"), "-i", f"x={tmp_path / 'x.npy'}", "-q", timeout=120)
+    assert run.returncode == 0, run
+    attack = json.loads(run.stdout.split("ATTACK ", 1)[1].splitlines()[0])
+    assert attack == {"view": "refused", "base": "refused", "base_obj": "None", "c_write": "faulted"}, attack
+    after = json.loads(run.stdout.split("AFTER ", 1)[1].splitlines()[0])
+    assert after == [[0.0, 8192.0]] * 4, after  # every worker still reads the input as it was
