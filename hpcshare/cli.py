@@ -253,6 +253,7 @@ def _interrupted(signum: int, frame: Any) -> None:
     from . import runtime, shm
 
     shm.unlink_mapped()
+    runtime.remove_scratch()
     if runtime.launcher_gone():  # killed with no grace: no one to abort through; every rank ends itself
         os._exit(128 + signum)
     rank = launcher_rank()
@@ -328,10 +329,28 @@ def _bench(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
+def _glue_inputs(argv: list[str]) -> list[str]:
+    """``--input -x=a.npy`` as ``--input=-x=a.npy``: argparse would take ``-x=a.npy`` for an option."""
+    out: list[str] = []
+    it = iter(argv)
+    for arg in it:
+        if arg in ("--input", "-i"):
+            value = next(it, None)
+            if value is not None and value.startswith("-") and "=" in value:
+                out.append(f"--input={value}")
+                continue
+            out.append(arg)
+            if value is not None:
+                out.append(value)
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m hpcshare`` and the ``hpcshare`` command."""
     parser = _parser()
-    ns = parser.parse_args(argv)
+    ns = parser.parse_args(_glue_inputs(sys.argv[1:] if argv is None else list(argv)))
     if ns.command == "job":
         return _job(parse_job(ns, ns.subparser))
     if ns.command == "bench":

@@ -331,8 +331,11 @@ class DaskCluster:
     the ``scheduler-address`` config on every rank.
     """
 
-    def __init__(self, topo: Topology, config: JobConfig, shared_bytes: int) -> None:
+    def __init__(
+        self, topo: Topology, config: JobConfig, shared_bytes: int, local_directory: str | None = None
+    ) -> None:
         self.topo, self.config, self.shared_bytes = topo, config, shared_bytes
+        self.local_directory = local_directory  #: the job's private scratch folder on this host
 
     def __enter__(self) -> DaskCluster:
         import dask
@@ -375,13 +378,15 @@ class DaskCluster:
             tls: dict[str, Any] = {}
             if self.config.tls:
                 tls = dask_tls_config(share_credentials(self.topo.world, self.config.timeout))
-            with dask.config.set(tls):
+            scratch = {"temporary-directory": self.local_directory} if self.local_directory else {}
+            with dask.config.set({**tls, **scratch}):
                 is_client = initialize(
                     comm=idle_startup_comm(self.topo.world, self.config.timeout),
                     exit=False,
                     interface=listen_interface(self.config.interface, self.topo.n_hosts),
                     protocol="tls" if self.config.tls else "tcp",
                     nthreads=self.config.nthreads,
+                    local_directory=self.local_directory,
                     memory_limit=worker_memory_limit(self.topo, self.config, self.shared_bytes),
                     dashboard_address=self.config.dashboard_address,
                     worker_options=self._worker_options(),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 import math
 import os
 import sys
@@ -361,18 +362,36 @@ class FunctionSource(Source):
                 "lost. Return the data and the mask as two inputs (np.ma.getdata, np.ma.getmaskarray)."
             )
         if not isinstance(result, np.ndarray):
-            try:
-                result = np.asarray(result)
-            except Exception as exc:
-                raise InputError(
-                    f"input {self.name!r}: {self.text} returned {type(result).__name__}, not an array"
-                ) from exc
+            result = self._as_array(result)
         check_dtype(self.name, result.dtype, self.text)
         order = (
             "F" if result.ndim > 1 and result.flags.f_contiguous and not result.flags.c_contiguous else "C"
         )
         self._result = result
         return ArrayMeta(result.shape, result.dtype, order)
+
+    def _as_array(self, result: Any) -> np.ndarray:
+        """A function's non-array result as an array, or an error saying what it returned (local).
+
+        Only a list, tuple or scalar of numbers, bools or strings of one kind
+        becomes an array; NumPy would make a dict, None or a generator an
+        object array, and a list mixing numbers and strings a string array.
+        """
+        returned = f"input {self.name!r}: {self.text} returned {type(result).__name__}"
+        if result is None or isinstance(result, (dict, set, frozenset)) or inspect.isgenerator(result):
+            raise InputError(f"{returned}, not an array: return a NumPy array or an hpcshare.Fill")
+        try:
+            arr = np.asarray(result)
+        except Exception as exc:
+            raise InputError(f"{returned}, not an array: {exc}") from exc
+        if isinstance(result, (list, tuple)) and arr.dtype.kind in "USO":
+            kinds = sorted({type(x).__name__ for x in np.asarray(result, dtype=object).reshape(-1).tolist()})
+            if len(kinds) > 1:
+                raise InputError(
+                    f"{returned} mixing {', '.join(kinds)}; NumPy would turn it into {arr.dtype} "
+                    "strings. Return an array of one dtype (np.array(values, dtype=...))."
+                )
+        return arr
 
     def fill(self, meta: ArrayMeta, out: np.ndarray) -> None:
         """Write the data into ``out`` (the window's bytes) on the rank that described it."""

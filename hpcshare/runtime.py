@@ -44,6 +44,7 @@ def abort(comm: MPI.Comm | None = None, code: int = 1) -> None:
     mappings until they exit.
     """
     shm.unlink_mapped()
+    remove_scratch()
     sys.stdout.flush()
     sys.stderr.flush()
     from mpi4py import MPI
@@ -57,6 +58,37 @@ _launcher: int | None = None  # the parent process (the launcher's proxy) when t
 def launcher_gone() -> bool:
     """Whether the process that started this rank has died (local): MPI_Abort would hang then."""
     return _launcher is not None and os.getppid() != _launcher
+
+
+_scratch: str | None = None  # this job's scratch folder on this host
+
+
+def remove_scratch() -> None:
+    """Remove this job's scratch folder on this host (local, idempotent): before an abort or on SIGTERM,
+    when the batch system may kill the watcher too."""
+    import shutil
+
+    if _scratch is not None:
+        shutil.rmtree(_scratch, ignore_errors=True)
+
+
+def _scratch_folder(topo: Topology, generation: str, stack: contextlib.ExitStack) -> str:
+    """The job's private scratch folder on this host, for Dask's spill and worker files (collective on host).
+
+    Host rank 0 makes it (mode 0700, in the temporary directory: Slurm's
+    $TMPDIR where set) and removes it at the end; the watcher removes it if
+    the job is killed. Dask would otherwise leave ``dask-scratch-space`` in
+    /tmp after an abort.
+    """
+    import shutil
+    import tempfile
+
+    global _scratch
+    path = tempfile.mkdtemp(prefix=f"hpcshare-{generation}-") if topo.host.Get_rank() == 0 else None
+    path = _scratch = sync.bcast(topo.host, path)
+    if topo.host.Get_rank() == 0:
+        stack.callback(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 def _end_with_launcher() -> None:
@@ -194,7 +226,10 @@ def run(
     with contextlib.ExitStack() as stack:
         topo = stack.enter_context(Topology.create(world, config.ranks_per_node))
         generation = sync.bcast(world, uuid.uuid4().hex[:12] if topo.rank == 0 else None)
-        stack.enter_context(shm.Watcher(topo, config.shm_dir, prefix=store.job_prefix(generation)))
+        scratch = _scratch_folder(topo, generation, stack)
+        stack.enter_context(
+            shm.Watcher(topo, config.shm_dir, prefix=store.job_prefix(generation), folder=scratch)
+        )
         placement = stack.enter_context(
             place_inputs(topo, sources, config, generation, gather_stats=on_placed is not None)
         )
@@ -203,7 +238,7 @@ def run(
                 on_placed(placement.stats)
         exchange = stack.enter_context(Exchange(topo, config, generation))  # hpcshare.put from here on
         handles = {**placement.handles, **_place_tables(topo, exchange, tables)}
-        with DaskCluster(topo, config, placement.nbytes) as cluster:
+        with DaskCluster(topo, config, placement.nbytes, local_directory=scratch) as cluster:
             result, error = cluster.run(job, handles)
         with collective_phase():  # the report measures collectively
             _end_of_job_report(topo, placement.nbytes, len(placement.inputs), config, generation, error)

@@ -17,7 +17,8 @@ those files lives here:
   library's (MPICH ``mpich_shm_*``, Open MPI ``sm_segment.*``, ...).
 
 This file is also the watcher's program (``python -I shm.py PIDS PATH...``,
-a PATH ending in ``*`` a prefix of files made later),
+a PATH ending in ``*`` a prefix of files made later, one ending in ``/`` a
+folder removed with what it holds),
 so it imports nothing but the standard library at module level.
 """
 
@@ -174,8 +175,10 @@ class Watcher:
 
     _started = False  # once per process: a second job in the same ranks is already watched
 
-    def __init__(self, topo: Topology, shm_dir: str = SHM_DIR, prefix: str | None = None) -> None:
-        self.topo, self.shm_dir, self.prefix = topo, shm_dir, prefix
+    def __init__(
+        self, topo: Topology, shm_dir: str = SHM_DIR, prefix: str | None = None, folder: str | None = None
+    ) -> None:
+        self.topo, self.shm_dir, self.prefix, self.folder = topo, shm_dir, prefix, folder
         self.process: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> Watcher:
@@ -185,6 +188,8 @@ class Watcher:
         paths = mapped_shm_files(self.shm_dir)
         if self.prefix:  # files made later, while the job runs (hpcshare.put)
             paths.append(os.path.join(self.shm_dir, self.prefix) + "*")
+        if self.folder:  # the job's private scratch folder, removed with all it holds
+            paths.append(self.folder.rstrip("/") + "/")
         if paths:
             Watcher._started = True
             self.process = subprocess.Popen(
@@ -222,14 +227,15 @@ def _alive(pid: int) -> bool:
 def _watch(argv: list[str]) -> int:
     """The watcher's program: ``PID[,PID...] PATH [PATH...]``."""
     pids = [int(p) for p in argv[0].split(",") if p]
-    paths = [p for p in argv[1:] if not p.endswith("*")]
+    paths = [p for p in argv[1:] if not p.endswith(("*", "/"))]
     patterns = [p[:-1] for p in argv[1:] if p.endswith("*")]  # prefixes of files made later
+    folders = [p for p in argv[1:] if p.endswith("/")]  # folders removed with what they hold
     shm_dir = os.path.dirname((paths or patterns or [SHM_DIR + "/"])[0])
     while live := [p for p in pids if _alive(p)]:
         # files the MPI library (any of them) creates while the job runs: whatever the ranks map
         for pid in live:
             paths += [f for f in mapped_shm_files(shm_dir, pid) if f not in paths]
-        if not patterns and not any(os.path.exists(p) for p in paths):
+        if not patterns and not folders and not any(os.path.exists(p) for p in paths):
             return 0  # the MPI library cleaned up; nothing left to watch
         time.sleep(_WATCH_EVERY)
     for prefix in patterns:
@@ -243,6 +249,8 @@ def _watch(argv: list[str]) -> int:
             os.unlink(path)
         except OSError:
             pass
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
     return 0
 
 

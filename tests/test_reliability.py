@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import psutil
@@ -31,10 +32,20 @@ def test_sys_exit_in_a_task_ends_the_job_at_once_naming_the_task_and_worker(tmp_
         "def bye(i):\n    sys.exit(5)\n"
         "def main(client, inputs):\n    client.submit(bye, 1, key='the-bye-task').result()\n"
     )
+    before = _scratch()
     run = hpcshare(3, "job", str(job), "-q", timeout=60)
     assert run.returncode == 5, run
     assert run.seconds < 30, run  # not the 120 s timeout
     assert "task 'the-bye-task' called sys.exit(5) on worker rank 2" in run.stderr, run
+    deadline = time.monotonic() + 5  # the watcher removes the job's scratch folder
+    while (left := _scratch() - before) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, f"left behind in {tempfile.gettempdir()}: {left}"
+
+
+def _scratch() -> set[str]:
+    """Dask's and hpcshare's scratch folders in the temporary directory."""
+    return {n for n in os.listdir(tempfile.gettempdir()) if n.startswith(("hpcshare-", "dask-scratch"))}
 
 
 @pytest.mark.usefixtures("clean_shm")

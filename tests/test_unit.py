@@ -155,3 +155,35 @@ def test_srun_without_an_mpi_plugin_is_refused_before_mpi_starts():
     check_launch({"SLURM_STEP_NUM_TASKS": "1", "PMI_RANK": "3"})  # mpiexec's ranks under a one-task step
     check_launch({"SLURM_STEP_NUM_TASKS": "2", "PMIX_RANK": "1"})  # Open MPI's mpirun inside sbatch
     check_launch({})  # no Slurm
+
+
+@pytest.mark.parametrize(
+    ("returned", "words"),
+    [
+        (lambda: {"a": 1}, "returned dict, not an array"),
+        (lambda: None, "returned NoneType, not an array"),
+        (lambda: (i for i in range(3)), "returned generator, not an array"),
+        (lambda: [1, "a", 2.5], "returned list mixing float, int, str"),
+    ],
+)
+def test_a_source_function_that_returns_no_array_is_told_what_it_returned(returned, words):
+    from hpcshare.errors import InputError
+    from hpcshare.loaders import source_for
+
+    with pytest.raises(InputError, match=words) as err:
+        source_for("x", returned).describe()
+    assert "input 'x'" in str(err.value)
+
+
+def test_a_source_function_returning_a_plain_list_of_numbers_still_works():
+    from hpcshare.loaders import source_for
+
+    meta = source_for("x", lambda: [1, 2, 3.5]).describe()
+    assert meta.shape == (3,) and meta.dtype == np.float64
+
+
+def test_an_input_name_starting_with_a_dash_is_not_taken_for_an_option():
+    from hpcshare.cli import _glue_inputs, _parser
+
+    ns = _parser().parse_args(_glue_inputs(["job", "--input", "-x=a.npy", "-i", "y=b.npy"]))
+    assert ns.inputs == [("-x", "a.npy"), ("y", "b.npy")]

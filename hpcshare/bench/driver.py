@@ -254,6 +254,7 @@ def run_one(
     cmd += ["--tasks", str(tasks), "--workers", str(workers), "--out", str(out)]
     cmd += ["--workload", workload, "--nodes", str(nodes)]
     env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    env["DASK_TEMPORARY_DIRECTORY"] = str(scratch)  # Dask's scratch files go with the run's, not to /tmp
     if contender == "unidist-put":
         env.update(UNIDIST_ENV)
     shm_before = shm.names()
