@@ -307,6 +307,14 @@ def _job(args: JobArgs) -> int:
 def _bench(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .bench import config_from_args, run_bench
     from .errors import ConfigError
+    from .topology import launcher_size
+
+    launched = launcher_size()
+    if launched and launched[0] > 1:
+        parser.error(
+            f"run hpcshare bench directly, not under mpiexec or srun ({launched[1]}={launched[0]}): "
+            "it starts mpiexec itself for each contender"
+        )
 
     try:
         cfg = config_from_args(

@@ -252,6 +252,12 @@ def _exit_guard(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         raise  # not reached
 
 
+def _has_bokeh() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("bokeh") is not None
+
+
 def _dashboard_hint(client: Client, address: str) -> str:
     """How to reach the Dask dashboard from a laptop, or why there is none (local, on the client)."""
     from .security import dashboard_is_open
@@ -265,8 +271,8 @@ def _dashboard_hint(client: Client, address: str) -> str:
             "and workers; the default, localhost:8787, keeps it to this node (reach it with an ssh "
             "forward)"
         )
-    if not port:
-        return "hpcshare: no Dask dashboard (it needs bokeh: pip install 'bokeh>=3.1')"
+    if not port or not client.run_on_scheduler(_has_bokeh):  # without bokeh the page says "install bokeh"
+        return "hpcshare: no Dask dashboard (it needs bokeh: pip install 'hpcshare[dashboard]')"
     return (
         f"hpcshare: Dask dashboard on {host}, port {port}, loopback only; from your machine: "
         f"ssh -N -J LOGIN-NODE -L {port}:localhost:{port} {host}, then open http://localhost:{port}/status"

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from . import shm, store, sync
 from .cluster import DaskCluster
 from .config import JobConfig
+from .errors import ConfigError
 from .exchange import Exchange, collective_phase
 from .handles import Handle
 from .importing import MainFunction, load_main
@@ -120,10 +121,18 @@ def _preflight(
     options: Mapping[str, Any],
 ) -> tuple[JobConfig, MainFunction, list[Source], list[TableSource]]:
     """Config, world size, the job's main, the sources; agreed before any MPI object exists (collective)."""
+    options = dict(options)
+    demo = {k: options.pop(k) for k in ("demo_size", "demo_tasks") if k in options}
     if main is None:  # the demo job, on its default input unless one named "data" is given
-        from .demo import demo_job
+        from .config import positive_int, size_in_bytes
+        from .demo import DEFAULT_SIZE, DEFAULT_TASKS, demo_job
 
-        main, inputs = demo_job(inputs)
+        size = size_in_bytes("demo_size", demo.get("demo_size", DEFAULT_SIZE))
+        main, inputs = demo_job(
+            inputs, size, positive_int("demo_tasks", demo.get("demo_tasks", DEFAULT_TASKS))
+        )
+    elif demo:
+        raise ConfigError(f"{' and '.join(sorted(demo))} are for the demo job (main=None)")
     with sync.Collective(world):
         config = JobConfig.from_options(**options)
         check_world(world)
@@ -204,6 +213,8 @@ def run(
     **options
         Any of :class:`~hpcshare.config.JobConfig`'s fields, e.g.
         ``ranks_per_node=3``; unset ones come from Dask config (``hpcshare.*``).
+        With ``main=None`` also ``demo_size`` (bytes or "256MiB") and
+        ``demo_tasks``, as the CLI's ``--demo-size`` and ``--demo-tasks``.
 
     Returns
     -------

@@ -398,6 +398,11 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
     print(format_table(rows))
     for t in result.targets:
         print(f"target {'met ' if t.met else 'MISSED'}  {t.what}: {t.figure}")
+    if not result.targets:
+        print(
+            "targets: none judged; they are stated for inputs of at least 1 GiB (memory ones at W = 4): "
+            "add 1GiB to --sizes"
+        )
     plot = write_plot(rows, cfg.out / "bench.png")
     print(
         f"written: {cfg.out / 'bench.json'}, {cfg.out / 'bench.txt'}"

@@ -332,3 +332,11 @@ def test_run_without_main_runs_the_demo(comm):
     result = hpcshare.run(None, {"data": lambda: demo_input(2**20)}, **QUIET)
     if comm.rank == 1:
         assert sorted(result) == [1, 2, 3, 4]
+
+
+def test_run_without_main_takes_the_demo_options_the_cli_has(comm):
+    result = hpcshare.run(None, demo_size="1MiB", demo_tasks=3, **QUIET)
+    if comm.rank == 1:
+        assert sorted(result) == [1, 2, 3]
+    with pytest.raises(hpcshare.ConfigError, match="demo_size are for the demo job"):
+        hpcshare.run(lambda client, inputs: None, demo_size="1MiB", **QUIET)
