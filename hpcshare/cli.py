@@ -213,6 +213,11 @@ def _parser() -> argparse.ArgumentParser:
         "info",
         help="show topology, MPI library and shared memory",
         description="Show hosts, ranks per node, roles, MPI library and /dev/shm.",
+    ).add_argument(
+        "--ranks-per-node",
+        type=_positive,
+        metavar="K",
+        help="show the emulated nodes of K ranks a job would have",
     )
     return p
 
@@ -365,4 +370,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _bench(ns, ns.subparser)
     from .info import print_info
 
-    return print_info()
+    return print_info(ranks_per_node=ns.ranks_per_node)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import sys
 
@@ -24,14 +25,20 @@ def _mpi_library_file() -> str | None:
     return None
 
 
-def print_info(shm_dir: str | None = None) -> int:
-    """Print what the job would see, on world rank 0 (collective on COMM_WORLD)."""
+def print_info(shm_dir: str | None = None, ranks_per_node: int | None = None) -> int:
+    """Print what the job would see, on world rank 0 (collective on COMM_WORLD).
+
+    ``ranks_per_node`` (default: ``hpcshare.ranks-per-node``) shows the
+    emulated nodes a job with that setting would have.
+    """
     import dask.config
     from mpi4py import MPI
 
     from . import config as _config  # noqa: F401 - registers hpcshare defaults
 
     shm_dir = shm_dir or dask.config.get("hpcshare.shm-dir")
+    if ranks_per_node is None:
+        ranks_per_node = dask.config.get("hpcshare.ranks-per-node", None)
     world = MPI.COMM_WORLD
     host = world.Split_type(MPI.COMM_TYPE_SHARED, key=world.Get_rank())
     try:
@@ -55,6 +62,11 @@ def print_info(shm_dir: str | None = None) -> int:
     import mpi4py
 
     print(f"mpi4py {mpi4py.__version__}, MPI library file {_mpi_library_file() or 'unknown'}")
+    launched = launcher_size()
+    started = (
+        f"started by a launcher that set {launched[1]}={launched[0]}" if launched else "no launcher seen"
+    )
+    print(f"mpiexec on PATH: {shutil.which('mpiexec') or 'none'}; {started}")
     hosts: dict[str, list[tuple[int, int, int, int, int, int]]] = {}
     for row in rows:
         hosts.setdefault(row[1], []).append(row)
@@ -65,7 +77,15 @@ def print_info(shm_dir: str | None = None) -> int:
         free, total = hr[0][4], hr[0][5]
         shm = f"{format_bytes(free)} free of {format_bytes(total)}" if total >= 0 else "not found"
         print(f"  {name}: {len(hr)} rank(s) sharing memory [{roles}]; {shm_dir}: {shm}")
-    launched = launcher_size()
+        if ranks_per_node:
+            by_host_rank = sorted(hr, key=lambda r: r[2])
+            nodes = [
+                by_host_rank[i : i + int(ranks_per_node)] for i in range(0, len(hr), int(ranks_per_node))
+            ]
+            print(
+                f"    emulated nodes of {ranks_per_node} rank(s): "
+                + "; ".join(f"[{', '.join(str(r[0]) for r in node)}]" for node in nodes)
+            )
     if size == 1 and launched is not None and launched[0] > 1:
         n, var = launched
         print(

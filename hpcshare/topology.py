@@ -204,7 +204,7 @@ def check_world(world: MPI.Intracomm, environ: Mapping[str, str] | None = None) 
             f"this rank sees an MPI world of 1 rank, but {var}={n} says the launcher "
             f"started {n}: the launcher does not speak this MPI's process-management "
             "interface, so every rank came up alone. Use the mpiexec that belongs to the "
-            "MPI mpi4py was built with (`python -m hpcshare info` names it), or under "
+            "MPI mpi4py was built with (`python -m hpcshare info` names that library and the mpiexec on your PATH), or under "
             "Slurm pick the right plugin: `srun --mpi=pmi2` for MPICH and Intel MPI, "
             "`srun --mpi=pmix` for Open MPI (not --mpi=none)."
         )

@@ -155,6 +155,13 @@ def test_info_shows_topology_mpi_and_shared_memory():
     assert "MPI library:" in run.stdout and "thread level" in run.stdout
     assert "0 scheduler, 1 client, 2 worker" in run.stdout
     assert re.search(r"/dev/shm: [\d.]+ \w+ free of", run.stdout), run.stdout
+    assert "mpiexec on PATH: " in run.stdout and "started by a launcher that set" in run.stdout, run
+
+
+def test_info_shows_the_emulated_nodes_of_ranks_per_node():
+    run = hpcshare(4, "info", "--ranks-per-node", "2", timeout=60)
+    assert run.returncode == 0, run
+    assert "emulated nodes of 2 rank(s): [0, 1]; [2, 3]" in run.stdout, run
 
 
 def test_info_warns_about_singletons():
