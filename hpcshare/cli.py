@@ -259,16 +259,20 @@ def _interrupted(signum: int, frame: Any) -> None:
 
     shm.unlink_mapped()
     runtime.remove_scratch()
-    if runtime.launcher_gone():  # killed with no grace: no one to abort through; every rank ends itself
-        os._exit(128 + signum)
     rank = launcher_rank()
+    gone = runtime.launcher_gone()  # killed with no grace: nobody to abort through
     # The launcher signals every rank, and the first abort ends them all. Ranks
     # after the first give the lower ones a moment, so one line is printed,
     # yet a rank stuck in C code (Python handlers wait for it) cannot hide it.
-    if rank:
+    if rank and not gone:
         time.sleep(_INTERRUPT_STAGGER * min(rank, 20))
     what = "interrupted" if signum == signal.SIGINT else f"got {signal.Signals(signum).name}"
-    print(f"hpcshare: rank {rank} {what}; stopping the job", file=sys.stderr, flush=True)
+    try:
+        print(f"hpcshare: rank {rank} {what}; stopping the job", file=sys.stderr, flush=True)
+    except OSError:  # the launcher, which read our stderr, is gone
+        pass
+    if gone:  # every rank ends itself
+        os._exit(128 + signum)
     runtime.abort(code=128 + signum)
 
 
@@ -299,14 +303,26 @@ def _job(args: JobArgs) -> int:
             print(f"hpcshare: error: {exc}", file=sys.stderr, flush=True)
         if not sync.agreed(exc):
             runtime.abort(code=1)
-        return 1
+        return _failed()
     except Exception as exc:
         if sync.origin_of(exc) is None:
             traceback.print_exc()
         if not sync.agreed(exc):
             runtime.abort(code=1)
-        return 1
+        return _failed()
     return 0
+
+
+def _failed() -> int:
+    """Exit code 1, after unlinking the MPI library's files this rank maps (local).
+
+    The first rank to exit non-zero makes ``srun --kill-on-bad-exit`` kill
+    the others, and the watcher with them, before MPI_Finalize removes them.
+    """
+    from . import shm
+
+    shm.unlink_mapped()
+    return 1
 
 
 def _bench(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

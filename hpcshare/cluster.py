@@ -401,4 +401,11 @@ class DaskCluster:
                     return client_main(main, handles, self.topo.size - 2, self.config)
             return None, None
         except BaseException as exc:  # every rank must still reach the teardown
+            if self.topo.role != "client":  # the client's error is the one agreed on: say this one now
+                print(
+                    f"hpcshare: rank {self.topo.rank} ({self.topo.role} on {self.topo.hostname}): "
+                    f"its Dask {self.topo.role} failed: {type(exc).__name__}: {exc}",
+                    file=sys.stderr,
+                    flush=True,
+                )
             return None, exc
