@@ -169,7 +169,8 @@ def worker_memory_limit(topo: Topology, config: JobConfig, shared: int) -> int:
     Dask compares with fractions of the limit (spill at 0.7, pause at 0.8 by
     default). The limit is therefore the private budget plus the shared bytes
     divided by the lowest of those fractions: a worker is spilled or paused for
-    its private memory only.
+    its private memory only. It is capped at the memory Dask sees for the
+    machine (or its cgroup), which Dask would use instead, with a warning.
     """
     import dask.config
 
@@ -189,7 +190,12 @@ def worker_memory_limit(topo: Topology, config: JobConfig, shared: int) -> int:
         )
         if f not in (None, False) and 0 < float(f) <= 1
     ]
-    return private + int(shared / min(fractions, default=1.0))
+    limit = private + int(shared / min(fractions, default=1.0))
+    # Dask ignores a limit above the machine's (or cgroup's) memory, with a warning on every
+    # worker; the limit it would use instead is this cap, so say it without the warning
+    from distributed.system import MEMORY_LIMIT
+
+    return min(limit, int(MEMORY_LIMIT))
 
 
 def quiet_dask_logs() -> None:

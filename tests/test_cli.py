@@ -29,6 +29,7 @@ def test_demo_job_with_defaults_checks_its_answer_and_reports_memory():
     assert rows[0]["inputs"] == 256 * 2**20
     # one copy of the input plus four small processes, not a copy per worker
     assert 256 * 2**20 <= rows[0]["measured"] < 256 * 2**20 + 4 * 200 * 2**20, run.stdout
+    assert "Ignoring provided memory limit" not in run.output, run  # Dask's warning on every worker
     # the dashboard line: an ssh forward to loopback, or why there is no dashboard
     if importlib.util.find_spec("bokeh") is None:
         assert "no Dask dashboard (it needs bokeh: pip install 'hpcshare[dashboard]')" in run.stdout
