@@ -79,11 +79,11 @@ def collective_phase() -> Iterator[None]:
     barrier unfinished in about half of the runs under Slurm (two nodes).
     No put can be in flight then: puts start once Dask runs.
     """
-    _collective.set()
+    begin_collective_phase()
     try:
         yield
     finally:
-        _collective.clear()
+        end_collective_phase()
 
 
 def begin_collective_phase() -> None:

@@ -187,13 +187,15 @@ def _check_capacity(topo: Topology, metas: Sequence[ArrayMeta], config: JobConfi
     """
     total = sum(m.nbytes for m in metas)
     nodes_here = topo.host.allreduce(1 if topo.is_leader else 0)
-    with sync.Collective(topo.world):
+    with sync.Collective(topo.world, timeout=config.timeout):
         if topo.host.Get_rank() == 0 and total:
             what = f"{len(metas)} input(s) x {nodes_here} node(s) on this host"
             check_capacity(config.shm_dir, total * nodes_here, config.shm_headroom, what)
 
 
-def _allocate(topo: Topology, sources: Sequence[Source], metas: Sequence[ArrayMeta]) -> list[NodeWindow]:
+def _allocate(
+    topo: Topology, sources: Sequence[Source], metas: Sequence[ArrayMeta], config: JobConfig
+) -> list[NodeWindow]:
     """Step 3: one window per input on each node (collective on world).
 
     An input that cannot be allocated frees the ones allocated before it.
@@ -201,7 +203,7 @@ def _allocate(topo: Topology, sources: Sequence[Source], metas: Sequence[ArrayMe
     windows: list[NodeWindow] = []
     try:
         for src, meta in zip(sources, metas, strict=True):
-            with sync.Collective(topo.world):
+            with sync.Collective(topo.world, timeout=config.timeout):
                 windows.append(NodeWindow.allocate(topo.node, meta.nbytes, src.name))
     except BaseException:
         _free_all(windows)
@@ -280,9 +282,11 @@ def _between_nodes(topo: Topology, window: NodeWindow) -> None:
         sync.wait(topo.leaders.Ibcast([piece, MPI.BYTE], root=0), what="node 0's leader")
 
 
-def _publish(topo: Topology, sources: Sequence[Source], windows: Sequence[NodeWindow], clock: _Clock) -> None:
+def _publish(
+    topo: Topology, sources: Sequence[Source], windows: Sequence[NodeWindow], config: JobConfig, clock: _Clock
+) -> None:
     """Step 5: function sources to the other nodes; every rank's writes visible (collective on world)."""
-    with sync.Collective(topo.world):
+    with sync.Collective(topo.world, timeout=config.placement_timeout):  # copies between nodes
         for src, win in zip(sources, windows, strict=True):
             if not src.parallel:
                 _between_nodes(topo, win)
@@ -380,7 +384,7 @@ def place_inputs(
     clock.step("describe")
     _check_capacity(topo, metas, config)
     clock.step("capacity")
-    windows = _allocate(topo, sources, metas)
+    windows = _allocate(topo, sources, metas, config)
     clock.step("allocate")
     total = sum(m.nbytes for m in metas)
     if chatty and total >= _PIECE:
@@ -391,7 +395,7 @@ def place_inputs(
         clock.restart_cpu()
         _fill(topo, sources, metas, windows, config, clock)
         clock.step("read")
-        _publish(topo, sources, windows, clock)
+        _publish(topo, sources, windows, config, clock)
         clock.step("broadcast")
     except BaseException as exc:
         _drop_frames(exc)

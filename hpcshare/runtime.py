@@ -145,12 +145,14 @@ def _preflight(
     return config, job, sources, tables
 
 
-def _place_tables(topo: Topology, exchange: Exchange, tables: list[TableSource]) -> dict[str, Handle]:
+def _place_tables(
+    topo: Topology, exchange: Exchange, tables: list[TableSource], config: JobConfig
+) -> dict[str, Handle]:
     """DataFrame and Arrow inputs: read on the client rank, put once per node (collective on world)."""
     if not tables:
         return {}
     placed: dict[str, Handle] | None = None
-    with sync.Collective(topo.world):
+    with sync.Collective(topo.world, timeout=config.placement_timeout):  # reading the tables
         if topo.rank == CLIENT_RANK:
             placed = {t.name: exchange.put_source(t) for t in tables}
     result: dict[str, Handle] = sync.bcast(topo.world, placed, root=CLIENT_RANK)
@@ -245,13 +247,13 @@ def run(
             place_inputs(topo, sources, config, generation, gather_stats=on_placed is not None)
         )
         if on_placed is not None:
-            with sync.Collective(world):
+            with sync.Collective(world, timeout=config.timeout):
                 on_placed(placement.stats)
         exchange = stack.enter_context(Exchange(topo, config, generation))  # hpcshare.put from here on
-        handles = {**placement.handles, **_place_tables(topo, exchange, tables)}
+        handles = {**placement.handles, **_place_tables(topo, exchange, tables, config)}
         with DaskCluster(topo, config, placement.nbytes, local_directory=scratch) as cluster:
             result, error = cluster.run(job, handles)
         with collective_phase():  # the report measures collectively
             _end_of_job_report(topo, placement.nbytes, len(placement.inputs), config, generation, error)
-    sync.agree(world, error)
+    sync.agree(world, error, config.timeout)
     return result if topo.rank == CLIENT_RANK else None

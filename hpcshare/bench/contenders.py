@@ -34,8 +34,8 @@ from .workloads import (
     make,
     moved_bytes,
     probe_task,
-    ray_init,
     resolve_figures,
+    run_on_ray,
     task_figures,
     task_of,
     task_phase,
@@ -163,22 +163,15 @@ def run_fork(args: argparse.Namespace) -> None:
 
 
 def run_ray(args: argparse.Namespace) -> None:
-    data = load(args.npy)
-    ray = ray_init(args.workers)
-    try:
-        remote = ray.remote(timed_work)
+    """Ray: the input loaded in the driver, ray.put once; the driver's copy dropped before the tasks."""
+    held = [load(args.npy)]
+
+    def share(ray: Any) -> tuple[Any, float]:
         t = time.perf_counter()
-        ref = ray.put(data)
-        ready = time.perf_counter() - t
-        del data
-        results, phase, started = task_phase(
-            lambda: ray.get([remote.remote(ref, i) for i in range(args.tasks)])
-        )
-    finally:
-        ray.shutdown()
-    figures = task_figures(results, phase, args.workers, started)
-    figures.update(ready=ready)
-    write(args.out, figures)
+        ref = ray.put(held.pop())
+        return ref, time.perf_counter() - t
+
+    run_on_ray(args, share)
 
 
 def run_shm_copy(args: argparse.Namespace) -> None:

@@ -26,8 +26,8 @@ from .workloads import (
     made_seconds,
     make_timed,
     moved_bytes,
-    ray_init,
     resolve_figures,
+    run_on_ray,
     task_figures,
     task_of,
     task_phase,
@@ -61,22 +61,15 @@ def run_hpcshare_put(args: argparse.Namespace) -> None:
 
 def run_ray_put(args: argparse.Namespace) -> None:
     """The seed pattern in Ray: made in a remote task, held in Ray's object store."""
-    ray = ray_init(args.workers)
     made = f"{args.out}.made"
-    try:
-        make, task = ray.remote(make_timed), ray.remote(task_of(args.workload))
+
+    def share(ray: Any) -> tuple[Any, float]:
         t = time.perf_counter()
-        ref = make.remote(args.workload, args.npy, made)
+        ref = ray.remote(make_timed).remote(args.workload, args.npy, made)
         ray.wait([ref], fetch_local=False)
-        ready = time.perf_counter() - t - made_seconds(made)
-        results, phase, started = task_phase(
-            lambda: ray.get([task.remote(ref, i) for i in range(args.tasks)])
-        )
-    finally:
-        ray.shutdown()
-    figures = task_figures(results, phase, args.workers, started)
-    figures.update(ready=ready)
-    write(args.out, figures)
+        return ref, time.perf_counter() - t - made_seconds(made)
+
+    run_on_ray(args, share)
 
 
 def run_unidist_put(args: argparse.Namespace) -> None:

@@ -178,3 +178,23 @@ def ray_init(workers: int) -> Any:
     ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, configure_logging=False)
     ray.get([ray.remote(lambda: 0).remote() for _ in range(workers)])
     return ray
+
+
+def run_on_ray(args: Any, share: Callable[[Any], tuple[Any, float]]) -> None:
+    """T tasks of ``args.workload`` on Ray over the object ``share(ray)`` places in Ray's store.
+
+    ``share`` returns the object's reference and its time to ready; the
+    figures go to ``args.out``.
+    """
+    ray = ray_init(args.workers)
+    try:
+        task = ray.remote(task_of(args.workload))
+        ref, ready = share(ray)
+        results, phase, started = task_phase(
+            lambda: ray.get([task.remote(ref, i) for i in range(args.tasks)])
+        )
+    finally:
+        ray.shutdown()
+    figures = task_figures(results, phase, args.workers, started)
+    figures.update(ready=ready)
+    write(args.out, figures)
