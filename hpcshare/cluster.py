@@ -71,6 +71,12 @@ def idle_startup_comm(comm: MPI.Intracomm, timeout: float) -> MPI.Intracomm:
             from .exchange import end_collective_phase
 
             sync.barrier(self, timeout=timeout, what="the Dask cluster to start")
+            # then a blocking barrier, brief since every rank is nearly through: a rank that
+            # left the idle one makes no MPI calls in Dask, and with MPICH's network module a
+            # peer still waiting for its last barrier message would wait forever (seen once in
+            # ~20 two-node Slurm runs); as in bcast and agree, the blocking step keeps all
+            # ranks progressing until all are through
+            super().Barrier()
             end_collective_phase()  # the handshake is over: puts may come from here on
 
     return _Idle(comm)
