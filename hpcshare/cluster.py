@@ -7,16 +7,14 @@
   handshake waits idle and bounded instead of spinning a core per rank.
 - :class:`ViewGuard`: a worker plugin that warns when a task returns a view
   of a shared input.
-- :func:`worker_memory_limit`: the memory policy for workers that share
-  their node's inputs.
 - :func:`quiet_dask_logs`: silence the tracebacks Dask logs while its comms close.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
-import os
 import socket
 import sys
 import traceback
@@ -25,12 +23,12 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import psutil
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from . import sync
+from . import store, sync
 from .errors import HpcshareError, JobFailed
 from .handles import Handle, registered_views
+from .memory import PrivateMemory, worker_memory_limit
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -44,9 +42,7 @@ __all__ = [
     "DaskCluster",
     "ViewGuard",
     "idle_startup_comm",
-    "job_memory_total",
     "quiet_dask_logs",
-    "worker_memory_limit",
 ]
 
 _DASK_LOGGERS = ("distributed", "tornado", "asyncio")
@@ -121,87 +117,6 @@ class ViewGuard(WorkerPlugin):
             return data.get(key)
         except Exception:
             return None
-
-
-def node_memory_total() -> int:
-    """Physical memory of this machine in bytes (local)."""
-    return int(psutil.virtual_memory().total)
-
-
-def _cgroup_limits() -> list[int]:
-    """Memory limits of this process's cgroups, v1 and v2, in bytes (local)."""
-    try:
-        with open("/proc/self/cgroup") as f:
-            entries = [line.rstrip("\n").split(":", 2) for line in f]
-    except OSError:
-        return []
-    limits = []
-    for _, controllers, rel in (e for e in entries if len(e) == 3):
-        if controllers == "":  # cgroup v2
-            path = os.path.join("/sys/fs/cgroup", rel.lstrip("/"), "memory.max")
-        elif "memory" in controllers.split(","):  # cgroup v1
-            path = os.path.join("/sys/fs/cgroup/memory", rel.lstrip("/"), "memory.limit_in_bytes")
-        else:
-            continue
-        try:
-            with open(path) as f:
-                value = f.read().strip()
-        except OSError:
-            continue
-        if value.isdigit():
-            limits.append(int(value))
-    return limits
-
-
-def job_memory_total(environ: Mapping[str, str] | None = None) -> int:
-    """Memory the job may use on this machine, in bytes (local).
-
-    Physical memory, capped by Slurm's ``--mem`` (``SLURM_MEM_PER_NODE``, in
-    MiB) and by the memory limit of this process's cgroup, whichever is
-    lowest: on a shared node the job gets its allocation, not the machine.
-    """
-    env = os.environ if environ is None else environ
-    limits = [node_memory_total(), *_cgroup_limits()]
-    slurm = env.get("SLURM_MEM_PER_NODE", "")
-    if slurm.isdigit() and int(slurm) > 0:
-        limits.append(int(slurm) * 2**20)
-    return min(limits)
-
-
-def worker_memory_limit(topo: Topology, config: JobConfig, shared: int) -> int:
-    """Dask's memory limit for each worker (collective on the host communicator).
-
-    Pages of the node's inputs that a worker touches count in its RSS, which
-    Dask compares with fractions of the limit (spill at 0.7, pause at 0.8 by
-    default). The limit is therefore the private budget plus the shared bytes
-    divided by the lowest of those fractions: a worker is spilled or paused for
-    its private memory only. It is capped at the memory Dask sees for the
-    machine (or its cgroup), which Dask would use instead, with a warning.
-    """
-    import dask.config
-
-    workers_here = topo.host.allreduce(1 if topo.role == "worker" else 0)
-    nodes_here = topo.host.allreduce(1 if topo.is_leader else 0)
-    if config.memory_limit == 0:
-        return 0  # Dask's convention: no limit
-    if config.memory_limit is not None:
-        private = config.memory_limit
-    else:
-        private = max(job_memory_total() - shared * nodes_here, 0) // max(workers_here, 1)
-    fractions = [
-        float(f)
-        for f in (
-            dask.config.get("distributed.worker.memory.spill"),
-            dask.config.get("distributed.worker.memory.pause"),
-        )
-        if f not in (None, False) and 0 < float(f) <= 1
-    ]
-    limit = private + int(shared / min(fractions, default=1.0))
-    # Dask ignores a limit above the machine's (or cgroup's) memory, with a warning on every
-    # worker; the limit it would use instead is this cap, so say it without the warning
-    from distributed.system import MEMORY_LIMIT
-
-    return min(limit, int(MEMORY_LIMIT))
 
 
 def quiet_dask_logs() -> None:
@@ -350,10 +265,16 @@ class DaskCluster:
     """
 
     def __init__(
-        self, topo: Topology, config: JobConfig, shared_bytes: int, local_directory: str | None = None
+        self,
+        topo: Topology,
+        config: JobConfig,
+        shared_bytes: int,
+        local_directory: str | None = None,
+        generation: str = "",
     ) -> None:
         self.topo, self.config, self.shared_bytes = topo, config, shared_bytes
         self.local_directory = local_directory  #: the job's private scratch folder on this host
+        self.generation = generation  #: names the job's put objects (hpcshare.put)
 
     def __enter__(self) -> DaskCluster:
         import dask
@@ -373,9 +294,15 @@ class DaskCluster:
             dask.config.config.pop("scheduler-address", None)
 
     def _worker_options(self) -> dict[str, Any]:
+        """Worker keywords: a name, the guarded task threads, private-memory measuring (collective on node)."""
+        workers_on_node = self.topo.node.allreduce(1 if self.topo.role == "worker" else 0)
         options: dict[str, Any] = {"name": f"rank-{self.topo.rank}"}
         if self.topo.role == "worker":
             options["executor"] = _task_executor(self.config.nthreads)
+            put_files = functools.partial(
+                store.node_files, self.config.shm_dir, self.generation, self.topo.node_index
+            )
+            options["plugins"] = {PrivateMemory(put_files, workers_on_node)}
         return options
 
     def run(self, main: MainFunction, handles: Mapping[str, Handle]) -> tuple[Any, BaseException | None]:

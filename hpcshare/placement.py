@@ -28,10 +28,11 @@ from dask.system import CPU_COUNT
 from dask.utils import format_bytes, format_time
 
 from . import sync
-from .errors import HpcshareError, InputError
+from .errors import CapacityError, HpcshareError, InputError
 from .handles import ArrayHandle, register, unregister
 from .loaders import ArrayMeta, Source
 from .log import logger
+from .memory import job_memory
 from .shm import check_capacity
 from .windows import NodeWindow
 
@@ -191,6 +192,18 @@ def _check_capacity(topo: Topology, metas: Sequence[ArrayMeta], config: JobConfi
         if topo.host.Get_rank() == 0 and total:
             what = f"{len(metas)} input(s) x {nodes_here} node(s) on this host"
             check_capacity(config.shm_dir, total * nodes_here, config.shm_headroom, what)
+            _check_job_memory(total * nodes_here, what)
+
+
+def _check_job_memory(need: int, what: str) -> None:
+    """Refuse shared inputs larger than the memory the job may use on this host (local)."""
+    limit, source = job_memory()
+    if need > limit:
+        raise CapacityError(
+            f"{what} need {format_bytes(need)} of memory on this host, more than the job may "
+            f"use here: {format_bytes(limit)}, {source}. Ask the batch system for more memory "
+            "per node (for example sbatch --mem), or use fewer or smaller inputs."
+        )
 
 
 def _allocate(

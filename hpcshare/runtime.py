@@ -251,7 +251,9 @@ def run(
                 on_placed(placement.stats)
         exchange = stack.enter_context(Exchange(topo, config, generation))  # hpcshare.put from here on
         handles = {**placement.handles, **_place_tables(topo, exchange, tables, config)}
-        with DaskCluster(topo, config, placement.nbytes, local_directory=scratch) as cluster:
+        with DaskCluster(
+            topo, config, placement.nbytes, local_directory=scratch, generation=generation
+        ) as cluster:
             result, error = cluster.run(job, handles)
         with collective_phase():  # the report measures collectively
             _end_of_job_report(topo, placement.nbytes, len(placement.inputs), config, generation, error)

@@ -131,6 +131,31 @@ def test_multi_node_template_holds_one_copy_on_each_of_two_nodes(slurm, inputs):
         assert row["measured"] < nbytes + 4 * 250 * 2**20, job  # not a copy per worker
 
 
+def test_workers_private_limits_and_the_inputs_fit_the_slurm_allocation(slurm, inputs):
+    """sbatch --mem=9000 (given as SBATCH_MEM_PER_NODE, over the template's --mem): the
+    four workers' limits plus the node's inputs stay within the 9000 MiB allocation."""
+    (inputs / "limits.py").write_text(
+        "def limit(dask_worker):\n    return dask_worker.memory_manager.memory_limit\n"
+        "def main(client, inputs):\n    print('limits', sorted(client.run(limit).values()))\n"
+    )
+    job = sbatch(
+        slurm,
+        inputs,
+        "single-node-srun.sbatch",
+        "limits.py",
+        *JOB_ARGS[1:],
+        env={"SBATCH_MEM_PER_NODE": "9000"},
+    )
+    assert_job_ok(job)
+    match = re.search(r"^limits \[([\d, ]+)\]", job.log, re.M)
+    assert match, job
+    limits = [int(v) for v in match[1].split(",")]
+    shared = 8 * 2**20 + 512 * 1024 * 4
+    assert len(limits) == 4 and len(set(limits)) == 1, job
+    assert sum(limits) + shared <= 9000 * 2**20, job
+    assert sum(limits) + shared > 8900 * 2**20, job  # the whole allocation, not the machine's memory
+
+
 def test_python_api_template(slurm, tmp_path):
     job = sbatch(slurm, tmp_path, "python-api.sbatch", str(JOBSCRIPTS / "api_job.py"), "--size", "32MiB")
     assert_job_ok(job)

@@ -137,14 +137,6 @@ def test_report_sums_pss_per_node_and_prices_one_copy_per_worker():
     assert "300.00 MiB" in text and "500.00 MiB" in text and text.count("\n") >= 3
 
 
-def test_the_jobs_memory_is_capped_by_slurms_allocation():
-    from hpcshare.cluster import job_memory_total
-
-    assert job_memory_total({"SLURM_MEM_PER_NODE": "1024"}) == 2**30  # sbatch --mem=1G
-    assert job_memory_total({"SLURM_MEM_PER_NODE": "0"}) == job_memory_total({})  # --mem=0: the whole node
-    assert job_memory_total({"SLURM_MEM_PER_NODE": "lots"}) == job_memory_total({})
-
-
 def test_srun_without_an_mpi_plugin_is_refused_before_mpi_starts():
     from hpcshare.errors import TopologyError
     from hpcshare.topology import check_launch

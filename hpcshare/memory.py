@@ -1,0 +1,188 @@
+"""Memory policy for workers that share their node's inputs.
+
+Pages of node-shared objects (the input windows, objects put while the job
+runs) are resident in every worker that reads them, so a worker's RSS
+counts them once per worker, while the node holds them once. Dask's memory
+monitor compares RSS with fractions of each worker's limit (spill at 0.7,
+pause at 0.8 by default), so it would spill or pause workers that hold no
+private data at all.
+
+hpcshare gives Dask two things instead:
+
+- :func:`job_memory`: the memory the job may use on this machine: the
+  machine, this process's cgroup, Slurm's ``--mem`` and ``--mem-per-cpu``
+  times the CPUs on the node, whichever is lowest;
+- :func:`worker_memory_limit`: each worker's *private* budget, so that the
+  node's private limits plus its shared bytes stay within the job's memory;
+- :class:`PrivateMemory`: a worker plugin after which the monitor measures
+  the worker's private memory (RSS less its resident shared-memory pages,
+  ``RssShmem``), plus its share of the objects put on its node, which come
+  out of the workers' budgets.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import psutil
+from distributed.diagnostics.plugin import WorkerPlugin
+
+if TYPE_CHECKING:
+    from .config import JobConfig
+    from .topology import Topology
+
+__all__ = [
+    "PrivateMemory",
+    "job_memory",
+    "job_memory_total",
+    "node_memory_total",
+    "private_memory",
+    "worker_memory_limit",
+]
+
+MIB = 2**20
+
+
+def node_memory_total() -> int:
+    """Physical memory of this machine in bytes (local)."""
+    return int(psutil.virtual_memory().total)
+
+
+def _cgroup_limits() -> list[int]:
+    """Memory limits of this process's cgroups, v1 and v2, in bytes (local)."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            entries = [line.rstrip("\n").split(":", 2) for line in f]
+    except OSError:
+        return []
+    limits = []
+    for _, controllers, rel in (e for e in entries if len(e) == 3):
+        if controllers == "":  # cgroup v2
+            path = os.path.join("/sys/fs/cgroup", rel.lstrip("/"), "memory.max")
+        elif "memory" in controllers.split(","):  # cgroup v1
+            path = os.path.join("/sys/fs/cgroup/memory", rel.lstrip("/"), "memory.limit_in_bytes")
+        else:
+            continue
+        try:
+            with open(path) as f:
+                value = f.read().strip()
+        except OSError:
+            continue
+        if value.isdigit():
+            limits.append(int(value))
+    return limits
+
+
+def _mib(env: Mapping[str, str], name: str) -> int:
+    """A positive number of MiB from Slurm's variable ``name``, else 0."""
+    value = env.get(name, "")
+    return int(value) if value.isdigit() else 0
+
+
+def job_memory(environ: Mapping[str, str] | None = None) -> tuple[int, str]:
+    """Memory the job may use on this machine in bytes, and where that limit comes from (local).
+
+    The lowest of: physical memory; the memory limit of this process's
+    cgroup (what a batch system enforces); Slurm's ``--mem``
+    (``SLURM_MEM_PER_NODE``, MiB); Slurm's ``--mem-per-cpu``
+    (``SLURM_MEM_PER_CPU``, MiB) times the CPUs the job has on this node
+    (``SLURM_CPUS_ON_NODE``). A value of 0 (``--mem=0``: the whole node) sets
+    no limit.
+    """
+    env = os.environ if environ is None else environ
+    limits = [(node_memory_total(), "the machine's memory")]
+    limits += [(limit, "the memory limit of this process's cgroup") for limit in _cgroup_limits()]
+    per_node = _mib(env, "SLURM_MEM_PER_NODE")
+    if per_node:
+        limits.append((per_node * MIB, f"Slurm's --mem ({per_node} MiB)"))
+    per_cpu, cpus = _mib(env, "SLURM_MEM_PER_CPU"), _mib(env, "SLURM_CPUS_ON_NODE")
+    if per_cpu and cpus:
+        limits.append((per_cpu * cpus * MIB, f"Slurm's --mem-per-cpu ({per_cpu} MiB) x {cpus} CPUs"))
+    return min(limits, key=lambda limit: limit[0])
+
+
+def job_memory_total(environ: Mapping[str, str] | None = None) -> int:
+    """Memory the job may use on this machine, in bytes (local); see :func:`job_memory`."""
+    return job_memory(environ)[0]
+
+
+def worker_memory_limit(topo: Topology, config: JobConfig, shared: int) -> int:
+    """Dask's memory limit for each worker: its private budget (collective on ``topo.host``).
+
+    With ``hpcshare.worker.memory-limit: auto``, the job's memory on this
+    host less the host's shared inputs (``shared`` per node), divided among
+    the host's workers: the private limits and the shared bytes add up to
+    the job's memory. :class:`PrivateMemory` makes Dask compare the limit
+    with private memory only. An explicit limit is taken as it is; 0 means
+    no limit (Dask's convention). Capped at the memory Dask sees, which it
+    would use instead, with a warning on every worker.
+    """
+    from distributed.system import MEMORY_LIMIT
+
+    workers_here = topo.host.allreduce(1 if topo.role == "worker" else 0)
+    nodes_here = topo.host.allreduce(1 if topo.is_leader else 0)
+    if config.memory_limit == 0:
+        return 0
+    if config.memory_limit is not None:
+        private = config.memory_limit
+    else:
+        private = max(job_memory_total() - shared * nodes_here, 0) // max(workers_here, 1)
+    return max(min(private, int(MEMORY_LIMIT)), 1)  # 0 would mean no limit at all
+
+
+def private_memory() -> int:
+    """This process's resident memory less its resident shared-memory pages, in bytes (local).
+
+    ``RssShmem`` (``/proc/self/status``) counts pages of tmpfs and shared
+    anonymous mappings: the MPI windows of the inputs and the objects in
+    /dev/shm. Where it is missing (kernels before 4.5), the RSS.
+    """
+    fields: dict[str, int] = {}
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith((b"VmRSS:", b"RssShmem:")):
+                    name, value = line.split(b":", 1)
+                    fields[name.decode()] = int(value.split()[0]) * 1024
+    except (OSError, ValueError):
+        pass
+    if "VmRSS" not in fields:
+        return int(psutil.Process().memory_info().rss)
+    return fields["VmRSS"] - fields.get("RssShmem", 0)
+
+
+class PrivateMemory(WorkerPlugin):
+    """Worker plugin: Dask's memory monitor measures private memory and a share of puts.
+
+    Replaces the worker's :meth:`SystemMonitor.get_process_memory` (the one
+    place distributed samples process memory: spilling, pausing, the
+    dashboard and the scheduler's "unmanaged memory" all read it). The
+    objects put on the node while the job runs (``put_files()`` lists them)
+    are divided among the node's workers and added: they come out of the
+    private budgets the limits were made from.
+    """
+
+    name = "hpcshare-private-memory"
+    _RESCAN = 1.0  # seconds between listings of the node's put objects
+
+    def __init__(self, put_files: Any, workers_on_node: int) -> None:
+        self.put_files, self.workers_on_node = put_files, max(workers_on_node, 1)
+        self._puts, self._scanned = 0, -self._RESCAN
+
+    def setup(self, worker: Any) -> None:
+        worker.monitor.get_process_memory = self.measure
+
+    def measure(self) -> int:
+        now = time.monotonic()
+        if now - self._scanned >= self._RESCAN:
+            self._scanned, total = now, 0
+            for path in self.put_files():
+                try:
+                    total += os.path.getsize(path)
+                except OSError:
+                    pass  # freed meanwhile
+            self._puts = total
+        return private_memory() + self._puts // self.workers_on_node

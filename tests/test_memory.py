@@ -1,0 +1,94 @@
+"""Memory limits that understand sharing: private budgets within the job's memory."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from helpers import hpcshare
+
+MIB = 2**20
+
+# a Slurm allocation of --mem-per-cpu=640 on 2 CPUs: 1280 MiB for the whole job on this node
+SLURM_BUDGET = {"SLURM_MEM_PER_CPU": "640", "SLURM_CPUS_ON_NODE": "2"}
+
+SOURCE = """
+import numpy as np
+from hpcshare import Fill
+
+def make():
+    return Fill(({n},), "f8", lambda out: out.fill(1.0))
+"""
+
+JOB = """
+import json, time
+import numpy as np
+import psutil
+
+def read_all(x):
+    return float(np.asarray(x).sum())
+
+def state(dask_worker):
+    time.sleep(0.5)  # a few ticks of Dask's memory monitor (every 100 ms)
+    return dict(
+        limit=dask_worker.memory_manager.memory_limit,
+        measured=dask_worker.monitor.get_process_memory(),
+        rss=psutil.Process().memory_info().rss,
+        status=dask_worker.status.name,
+    )
+
+def main(client, inputs):
+    x = inputs["x"]
+    workers = list(client.scheduler_info()["workers"])
+    for _ in range(3):  # every worker reads every page of the input, three times
+        futures = [client.submit(read_all, x, workers=[w], pure=False) for w in workers]
+        assert client.gather(futures) == [float(x.shape[0])] * len(workers)
+    print("STATE", json.dumps(list(client.run(state).values())), flush=True)
+"""
+
+
+def test_job_memory_is_the_lowest_of_the_machine_the_cgroup_and_slurm():
+    from hpcshare.memory import job_memory, job_memory_total
+
+    assert job_memory_total({"SLURM_MEM_PER_NODE": "1024"}) == 2**30  # sbatch --mem=1G
+    assert job_memory_total({"SLURM_MEM_PER_NODE": "0"}) == job_memory_total({})  # --mem=0: the whole node
+    assert job_memory_total({"SLURM_MEM_PER_NODE": "lots"}) == job_memory_total({})
+    # sbatch --mem-per-cpu=640 with 2 CPUs on this node
+    assert job_memory({**SLURM_BUDGET}) == (1280 * MIB, "Slurm's --mem-per-cpu (640 MiB) x 2 CPUs")
+    assert job_memory({"SLURM_MEM_PER_CPU": "640"})[0] == job_memory_total({})  # CPUs unknown: no cap
+    both = {**SLURM_BUDGET, "SLURM_MEM_PER_NODE": "1000"}
+    assert job_memory(both) == (1000 * MIB, "Slurm's --mem (1000 MiB)")
+
+
+@pytest.mark.usefixtures("clean_shm")
+def test_workers_reading_an_input_over_70_percent_of_the_job_memory_are_not_paused(tmp_path):
+    """An input of 72% of a Slurm budget, read in full by both workers: RSS far above the
+    limit, private memory well under it; the private limits plus the input fit the budget."""
+    budget = 1280 * MIB
+    n = int(0.72 * budget) // 8
+    (tmp_path / "src.py").write_text(SOURCE.format(n=n))
+    (tmp_path / "job.py").write_text(JOB)
+    env = {**SLURM_BUDGET, "DASK_HPCSHARE__DASK_LOG_LEVEL": "warning"}
+    run = hpcshare(4, "job", str(tmp_path / "job.py"), "-i", f"x={tmp_path / 'src.py'}:make", env=env)
+    assert run.returncode == 0, run
+    workers = json.loads(run.stdout.split("STATE ", 1)[1].splitlines()[0])
+    assert len(workers) == 2, run
+    shared = n * 8
+    assert sum(w["limit"] for w in workers) + shared <= budget, workers
+    for w in workers:
+        assert w["status"] == "running", workers
+        assert w["rss"] > w["limit"] + shared // 2, workers  # Dask's RSS would have paused it
+        assert w["measured"] < 0.7 * w["limit"], workers  # below spilling: private memory only
+    # Dask says nothing about memory: no ignored limit, no unmanaged memory, no pause
+    for noise in ("Ignoring provided memory limit", "Unmanaged memory", "Pausing worker", "memory usage"):
+        assert noise not in run.stderr, run
+
+
+@pytest.mark.usefixtures("clean_shm")
+def test_an_input_larger_than_the_jobs_memory_is_refused_naming_the_limit(tmp_path):
+    (tmp_path / "src.py").write_text(SOURCE.format(n=(1400 * MIB) // 8))
+    run = hpcshare(3, "job", "-i", f"x={tmp_path / 'src.py'}:make", env=SLURM_BUDGET, timeout=60)
+    assert run.returncode != 0, run
+    assert "more than the job may use here" in run.stderr, run
+    assert "--mem-per-cpu (640 MiB) x 2 CPUs" in run.stderr, run
+    assert run.stderr.count("error:") == 1, run
