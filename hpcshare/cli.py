@@ -248,6 +248,9 @@ def parse_job(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> JobArg
     )
 
 
+_stopping = False  # a stop signal is being handled
+
+
 def _interrupted(signum: int, frame: Any) -> None:
     """Ctrl-C (SIGINT) or scancel and time limits (SIGTERM): stop the whole job at once.
 
@@ -255,10 +258,15 @@ def _interrupted(signum: int, frame: Any) -> None:
     system may kill all of the job's processes (the /dev/shm watcher too)
     before the abort has reached the other nodes.
     """
-    from . import runtime, shm
+    from . import runtime, shm, supervise
 
+    global _stopping
+    if _stopping:  # the same signal again: from the launcher and from the supervisor, or Ctrl-C twice
+        return
+    _stopping = True
     shm.unlink_mapped()
     runtime.remove_scratch()
+    supervise.ending()
     rank = launcher_rank()
     gone = runtime.launcher_gone()  # killed with no grace: nobody to abort through
     # The launcher signals every rank, and the first abort ends them all. Ranks
@@ -285,6 +293,7 @@ def _job(args: JobArgs) -> int:
     except HpcshareError as exc:
         print(f"hpcshare: error: {exc}", file=sys.stderr, flush=True)
         return 1
+    _supervised()
 
     from . import runtime, sync
     from .demo import demo_job
@@ -311,6 +320,19 @@ def _job(args: JobArgs) -> int:
             runtime.abort(code=1)
         return _failed()
     return 0
+
+
+def _supervised() -> None:
+    """Under a launcher, go on as a child of a supervisor that names this rank if it dies (local; before MPI)."""
+    import dask.config
+
+    from . import supervise
+    from .topology import launcher_size, role_of
+
+    launched = launcher_size()
+    if launched and launched[0] > 1 and dask.config.get("hpcshare.supervise", True):
+        rank = launcher_rank()
+        supervise.start(rank, role_of(rank))
 
 
 def _failed() -> int:

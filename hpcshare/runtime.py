@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from . import shm, store, sync
+from . import shm, store, supervise, sync
 from .cluster import DaskCluster
 from .config import JobConfig
 from .errors import ConfigError
@@ -46,6 +46,7 @@ def abort(comm: MPI.Comm | None = None, code: int = 1) -> None:
     """
     shm.unlink_mapped()
     remove_scratch()
+    supervise.ending()  # this rank's end is hpcshare's doing: its supervisor stays quiet
     sys.stdout.flush()
     sys.stderr.flush()
     from mpi4py import MPI
@@ -100,15 +101,9 @@ def _end_with_launcher() -> None:
     ends. SIGTERM ends the job as scancel does (the CLI's handler unlinks
     the shared memory first; the watcher sweeps what is left).
     """
-    import ctypes
-    import ctypes.util
-
     global _launcher
     parent = _launcher = os.getppid()
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
+    if not supervise.term_on_parent_death():
         return
     if os.getppid() != parent:  # the launcher died before the request was in place
         os.kill(os.getpid(), signal.SIGTERM)

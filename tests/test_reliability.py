@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
+import select
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -50,27 +53,21 @@ def _scratch() -> set[str]:
 
 @pytest.mark.usefixtures("clean_shm")
 def test_ranks_end_within_seconds_when_their_launcher_is_killed(tmp_path):
-    job = tmp_path / "job.py"
-    job.write_text("import time\ndef main(client, inputs):\n    time.sleep(120)\n")
-    proc = subprocess.Popen(
-        [mpiexec(), "-n", "3", sys.executable, "-m", "hpcshare", "job", str(job), "-q"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    proc = _job_in_main(tmp_path, 3)
     try:
-        ranks: list[psutil.Process] = []
-        deadline = time.monotonic() + 60
-        while len(ranks) < 3 and time.monotonic() < deadline:  # the ranks are up and in main
-            time.sleep(0.5)
-            tree = psutil.Process(proc.pid).children(recursive=True)
-            # MPICH: mpiexec -> hydra proxy -> ranks; Open MPI: prterun -> ranks
-            ranks = [p for p in tree if p.exe() == psutil.Process().exe() and "-m" in p.cmdline()]
-        assert len(ranks) == 3, ranks
-        time.sleep(3)
-        launcher = {proc.pid, *(r.ppid() for r in ranks)}
-        for pid in launcher:  # what a batch system does after the grace time: SIGKILL, no cleanup
-            os.kill(pid, signal.SIGKILL)
+        ranks = [_rank_process(proc, rank) for rank in range(3)]
+        # mpiexec and its proxy (MPICH: mpiexec -> hydra proxy; Open MPI: prterun): the ranks'
+        # ancestors from mpiexec down, but for hpcshare's supervisors. What a batch system kills
+        # after the grace time, with SIGKILL, no cleanup
+        launcher = {
+            a
+            for r in ranks
+            for a in r.parents()
+            if a.pid == proc.pid or proc.pid in {b.pid for b in a.parents()}
+        }
+        launcher = {p for p in launcher - set(ranks) if "supervise.py" not in " ".join(p.cmdline())}
+        for p in launcher:
+            p.kill()
         proc.wait(timeout=10)
     except BaseException:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -88,3 +85,73 @@ def _running(p: psutil.Process) -> bool:
         return p.status() != psutil.STATUS_ZOMBIE  # a zombie has ended; nobody is left to reap it
     except psutil.NoSuchProcess:
         return False
+
+
+@pytest.mark.usefixtures("clean_shm")
+def test_a_rank_ending_with_os_exit_in_a_task_is_named_with_its_exit_code(tmp_path):
+    job = tmp_path / "job.py"
+    job.write_text(
+        "import os\ndef die(i):\n    os._exit(3)\ndef main(client, inputs):\n    client.submit(die, 1).result()\n"
+    )
+    for _ in range(2):  # the line was missing in 2 of 4 runs before
+        run = hpcshare(3, "job", str(job), "-q", timeout=60)
+        assert run.returncode != 0, run
+        assert run.seconds < 30, run
+        lines = [line for line in run.stderr.splitlines() if line.startswith("hpcshare: rank 2 (")]
+        assert len(lines) == 1, run
+        assert re.fullmatch(r"hpcshare: rank 2 \(worker on \S+, pid \d+\) exited with code 3 .*", lines[0]), (
+            run
+        )
+
+
+@pytest.mark.usefixtures("clean_shm")
+def test_a_worker_killed_with_sigkill_is_named_with_its_signal(tmp_path):
+    proc = _job_in_main(tmp_path, 4)
+    try:
+        victim = _rank_process(proc, 3)
+        victim.kill()
+        _, err = proc.communicate(timeout=30)
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    assert proc.returncode != 0, err
+    expected = f"hpcshare: rank 3 (worker on {socket.gethostname()}, pid {victim.pid}) was killed by signal 9 (SIGKILL)"
+    assert expected in err, err
+    assert err.count("hpcshare: rank 3 (") == 1, err
+
+
+def _job_in_main(tmp_path, n: int) -> subprocess.Popen[str]:
+    """``mpiexec -n N hpcshare job`` of a job that sleeps, once its ``main`` has started."""
+    job = tmp_path / "job.py"
+    job.write_text(
+        "import time\ndef main(client, inputs):\n    print('in main', flush=True)\n    time.sleep(120)\n"
+    )
+    proc = subprocess.Popen(
+        [mpiexec(), "-n", str(n), sys.executable, "-m", "hpcshare", "job", str(job), "-q"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert proc.stdout is not None and select.select([proc.stdout], [], [], 60)[0], "main did not start"
+        assert proc.stdout.readline() == "in main\n"
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    return proc
+
+
+def _rank_process(launcher: subprocess.Popen[str], rank: int) -> psutil.Process:
+    """The process of ``rank`` in a running job, found as a user would: by the rank variable its
+    launcher set, in a process running ``hpcshare job``."""
+    for p in psutil.Process(launcher.pid).children(recursive=True):
+        try:
+            if "hpcshare" not in p.cmdline() or "job" not in p.cmdline():
+                continue
+            env = p.environ()
+        except psutil.Error:
+            continue
+        if str(rank) in (env.get("PMI_RANK"), env.get("OMPI_COMM_WORLD_RANK")):
+            return p
+    raise AssertionError(f"no process of rank {rank}")
