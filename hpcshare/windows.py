@@ -25,6 +25,7 @@ _deferred: list[NodeWindow] = []
 _MADV_HUGEPAGE = 14
 _MADV_POPULATE_WRITE = 23  # Linux 5.14+
 _PROT_READ = 1
+_PROT_WRITE = 2
 
 
 def kept_mapped() -> int:
@@ -57,6 +58,7 @@ class NodeWindow:
         buf, _ = win.Shared_query(0)
         self._base: np.ndarray | None = np.frombuffer(buf, dtype=np.uint8, count=nbytes)  # type: ignore[call-overload]
         self._readonly: Any = None  # the bytes as a read-only buffer with no way back to a writable one
+        self._sealed: tuple[int, int] | None = None  # the page range mapped read-only by seal()
 
     @classmethod
     def allocate(cls, comm: MPI.Comm, nbytes: int, name: str) -> NodeWindow:
@@ -124,9 +126,24 @@ class NodeWindow:
         page = mmap.PAGESIZE
         start = self.bytes().ctypes.data
         lo, hi = -(-start // page) * page, (start + self.nbytes) // page * page
-        if hi <= lo:
+        if hi <= lo or libc.mprotect(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _PROT_READ) != 0:
             return False
-        return libc.mprotect(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _PROT_READ) == 0
+        self._sealed = (lo, hi)
+        return True
+
+    def _unseal(self) -> None:
+        """Make the sealed pages writable again before MPI frees the window (local).
+
+        The MPI library may keep the memory mapped after the window is freed
+        and hand it out again (MPICH does for small windows): pages left
+        read-only would make a later write anywhere in that memory fault.
+        """
+        libc = _libc()
+        if self._sealed is None or libc is None:
+            return
+        lo, hi = self._sealed
+        libc.mprotect(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _PROT_READ | _PROT_WRITE)
+        self._sealed = None
 
     def prefault(self, start: int, stop: int) -> None:
         """Have the kernel allocate the pages of bytes ``start:stop`` in one call (local; best effort).
@@ -181,6 +198,7 @@ class NodeWindow:
         self._base = self._readonly = None
         self._win.Unlock_all()
         if not alive:
+            self._unseal()
             self._win.Free()
             return
         if self._comm.Get_rank() == 0:
