@@ -124,6 +124,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="ranks per node that read a file in parallel (default: auto)",
     )
+    job.add_argument(
+        "--read",
+        choices=("collective", "per-node"),
+        help="how nodes read file inputs: collective (default: each node reads its share of each "
+        "file once per job, and the nodes exchange their shares over MPI) or per-node (every node "
+        "reads every file in full: for node-local copies)",
+    )
     job.add_argument("--nthreads", type=_positive, metavar="N", help="threads per Dask worker (default 1)")
     job.add_argument(
         "--memory-limit", metavar="SIZE", help="private memory per worker, 0 for no limit (default: auto)"
@@ -226,6 +233,7 @@ def parse_job(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> JobArg
     options = {
         "ranks_per_node": ns.ranks_per_node,
         "readers": ns.readers,
+        "read": ns.read,
         "nthreads": ns.nthreads,
         "memory_limit": ns.memory_limit,
         "quiet": ns.quiet,

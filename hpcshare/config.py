@@ -15,17 +15,20 @@ from dask.utils import parse_bytes, parse_timedelta
 
 from .errors import ConfigError
 
-__all__ = ["JobConfig", "parse_flag", "positive_int", "size_in_bytes"]
+__all__ = ["READ_MODES", "JobConfig", "parse_flag", "positive_int", "size_in_bytes"]
 
 _fn = os.path.join(os.path.dirname(__file__), "hpcshare.yaml")
 with open(_fn) as _f:
     _defaults = yaml.safe_load(_f)
 dask.config.update_defaults(_defaults)
 
+READ_MODES = ("collective", "per-node")  # hpcshare.read
+
 # option name -> dask config key
 _KEYS = {
     "ranks_per_node": "hpcshare.ranks-per-node",
     "readers": "hpcshare.readers",
+    "read": "hpcshare.read",
     "shm_dir": "hpcshare.shm-dir",
     "shm_headroom": "hpcshare.shm-headroom",
     "quiet": "hpcshare.quiet",
@@ -86,6 +89,7 @@ class JobConfig:
 
     ranks_per_node: int | None = None
     readers: int | None = None  # None: auto
+    read: str = "collective"  # or "per-node": how the nodes read file inputs
     shm_dir: str = "/dev/shm"
     shm_headroom: int = 64 * 2**20
     quiet: bool = False
@@ -124,7 +128,11 @@ class JobConfig:
             raise ConfigError(
                 f"dask_log_level must be debug, info, warning, error or critical, got {level!r}"
             )
+        read = str(raw["read"]).lower()
+        if read not in READ_MODES:
+            raise ConfigError(f"read must be {' or '.join(READ_MODES)}, got {raw['read']!r}")
         return cls(
+            read=read,
             ranks_per_node=None if rpn is None else positive_int("ranks_per_node", rpn),
             readers=None if readers in (None, "auto") else positive_int("readers", readers),
             shm_dir=str(raw["shm_dir"]),

@@ -18,7 +18,9 @@ A failure after allocation frees what was allocated before it is raised.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import os
 import time
 import traceback
 from collections.abc import Sequence
@@ -30,7 +32,7 @@ from dask.utils import format_bytes, format_time
 from . import sync
 from .errors import CapacityError, HpcshareError, InputError
 from .handles import ArrayHandle, register, unregister
-from .loaders import ArrayMeta, Source
+from .loaders import ArrayMeta, Hdf5Source, Source
 from .log import logger
 from .memory import job_memory
 from .shm import check_capacity
@@ -43,8 +45,9 @@ if TYPE_CHECKING:
 __all__ = ["PlacedInput", "Placement", "PlacementStats", "RankStats", "place_inputs"]
 
 _PIECE = 64 * 2**20  # bytes read between progress checks; inputs this large get progress lines
-_PROGRESS_EVERY = 2.0  # seconds between progress lines
-_BCAST_PIECE = 256 * 2**20  # bytes per broadcast message between node leaders
+_PROGRESS_EVERY = 1.0  # seconds between progress lines, at least
+_BCAST_PIECE = 64 * 2**20  # bytes per broadcast message between node leaders
+_IN_FLIGHT = 4  # broadcasts between node leaders outstanding at once
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +76,10 @@ class PlacementStats:
     total: float
     #: every rank's figures, gathered only when asked for (``run(on_placed=...)``)
     ranks: tuple[RankStats, ...] = ()
+    file_bytes: int = 0  #: bytes of file inputs the job's ranks read (what their reads asked for)
+    rchar: int = 0  #: bytes the job's ranks read while filling, summed from /proc/PID/io rchar
+    exchanged: int = 0  #: bytes the node leaders received from each other
+    read_mode: str = "per-node"  #: how file inputs were read: "collective" or "per-node"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,10 +126,10 @@ class Placement:
 
 
 class _Progress:
-    """Progress lines for one rank's share of a long read."""
+    """Progress lines for one rank's share of a long read or exchange, at most one per second."""
 
-    def __init__(self, name: str, total: int, enabled: bool) -> None:
-        self.name, self.total, self.enabled = name, total, enabled
+    def __init__(self, what: str, total: int, enabled: bool) -> None:
+        self.what, self.total, self.enabled = what, total, enabled
         self.done = 0
         self.start = self.last = time.monotonic()
 
@@ -133,8 +140,8 @@ class _Progress:
             self.last = now
             rate = self.done / max(now - self.start, 1e-9)
             logger.info(
-                f"reading {self.name!r}: {100 * self.done / self.total:.0f}% of this rank's "
-                f"{format_bytes(self.total)} ({format_bytes(int(rate))}/s)"
+                f"{self.what}: {format_bytes(self.done)} of this rank's {format_bytes(self.total)} "
+                f"({100 * self.done / self.total:.0f}%, {format_bytes(int(rate))}/s)"
             )
 
 
@@ -146,6 +153,9 @@ class _Clock:
         self.steps: dict[str, float] = {}
         self.own = 0.0  # seconds of this rank's own reading, filling and sending
         self.cpu = time.process_time()
+        self.file_bytes = 0  # bytes of file inputs this rank read (what its reads asked for)
+        self.rchar = 0  # bytes this process read while filling, by /proc/self/io
+        self.exchanged = 0  # bytes this rank received from other nodes' leaders
 
     def step(self, name: str) -> None:
         now = time.perf_counter()
@@ -168,6 +178,14 @@ def _readers(topo: Topology, config: JobConfig) -> int:
     if config.readers is not None:
         return min(config.readers, topo.node.Get_size())
     return max(1, min(topo.node.Get_size(), CPU_COUNT))
+
+
+def _all_readers(topo: Topology, config: JobConfig) -> tuple[int, int]:
+    """This node's readers, and the most readers any node has (collective on world)."""
+    from mpi4py import MPI
+
+    here = _readers(topo, config)
+    return here, topo.world.allreduce(here, op=MPI.MAX)
 
 
 def _describe(topo: Topology, sources: Sequence[Source], config: JobConfig) -> list[ArrayMeta]:
@@ -224,24 +242,61 @@ def _allocate(
     return windows
 
 
-def _read_share(
-    topo: Topology, src: Source, meta: ArrayMeta, win: NodeWindow, readers: int, config: JobConfig
-) -> None:
-    """Read this rank's slabs of a file input (local; the node's readers together read all)."""
-    pieces = src.slabs(meta, max(readers, -(-meta.nbytes // _PIECE)))
+def _plan(
+    topo: Topology, src: Source, meta: ArrayMeta, readers: tuple[int, int], collective: bool
+) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """Each node's byte range of a file input, and this rank's pieces of its own node's range (local).
+
+    The input is cut into pieces (whole chunks for HDF5); with ``collective``
+    each node takes a contiguous run of them, else every node takes them all.
+    Within a node, the readers split the node's run. Every rank computes the
+    same plan from the metadata and ``readers`` (this node's readers, the
+    most any node has): nothing is exchanged to agree on it.
+    """
+    here, most = readers
+    nodes = topo.n_nodes if collective else 1
+    # every rank cuts the input alike, whatever the size of its node
+    pieces = src.slabs(meta, max(most * nodes, -(-meta.nbytes // _PIECE)))
+    runs = [pieces[k * len(pieces) // nodes : (k + 1) * len(pieces) // nodes] for k in range(nodes)]
+    shares = [(run[0][0], run[-1][1]) if run else (0, 0) for run in runs]
+    own = runs[topo.node_index if collective else 0]
     me = topo.node.Get_rank()
-    per = -(-len(pieces) // readers) if pieces else 0
-    mine = pieces[me * per : (me + 1) * per] if me < readers else []
-    if not mine:  # not a reader, or fewer pieces than readers (a small or single-chunk input)
-        return
-    chatty = topo.rank == 0 and not config.quiet
-    progress = _Progress(src.name, sum(b - a for a, b in mine), chatty)
-    if config.prefault:
+    per = -(-len(own) // here) if own else 0
+    mine = own[me * per : (me + 1) * per] if me < here else []
+    return shares, mine
+
+
+def _collective(topo: Topology, config: JobConfig) -> bool:
+    """Whether file inputs are read collectively: a share per node, exchanged between leaders (local)."""
+    return config.read == "collective" and topo.n_nodes > 1
+
+
+def _read_share(
+    topo: Topology, src: Source, meta: ArrayMeta, win: NodeWindow, readers: tuple[int, int], config: JobConfig
+) -> int:
+    """Read this rank's pieces of a file input; the bytes read (local).
+
+    The node's readers together read the node's share: the whole input, or
+    with collective reading the node's run of it. With collective reading
+    the readers also have the kernel allocate the rest of the window, which
+    the leader fills from the other nodes.
+    """
+    collective = _collective(topo, config)
+    _, mine = _plan(topo, src, meta, readers, collective)
+    me = topo.node.Get_rank()
+    if config.prefault and collective and me < readers[0]:
+        win.prefault_share(me, readers[0])
+    elif config.prefault and mine:
         win.prefault(mine[0][0], mine[-1][1])
+    if not mine:  # not a reader, or fewer pieces than readers (a small or single-chunk input)
+        return 0
+    chatty = topo.rank == 0 and not config.quiet
+    progress = _Progress(f"reading {src.name!r}", sum(b - a for a, b in mine), chatty)
     out = win.bytes()
     for a, b in mine:
         src.read_slab(meta, out, a, b)
         progress.add(b - a)
+    return sum(b - a for a, b in mine)
 
 
 def _write_once(
@@ -259,50 +314,143 @@ def _write_once(
         src.fill(meta, win.bytes())
 
 
-def _fill(
-    topo: Topology,
-    sources: Sequence[Source],
-    metas: Sequence[ArrayMeta],
-    windows: Sequence[NodeWindow],
-    config: JobConfig,
-    clock: _Clock,
-) -> None:
-    """Step 4: read every file input, write every function source (collective on world)."""
-    readers = _readers(topo, config)
+def _rchar() -> int:
+    """Bytes this process has read with read(2)-like calls so far (``/proc/self/io`` rchar; 0 if unknown)."""
+    try:
+        with open("/proc/self/io", "rb") as f:
+            for line in f:
+                if line.startswith(b"rchar:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+@dataclasses.dataclass
+class _Placing:
+    """What the fill and publish steps work on."""
+
+    topo: Topology
+    sources: Sequence[Source]
+    metas: Sequence[ArrayMeta]
+    windows: Sequence[NodeWindow]
+    config: JobConfig
+    clock: _Clock
+    readers: tuple[int, int]  #: this node's readers, the most readers any node has
+
+    def unpack(
+        self,
+    ) -> tuple[
+        Topology,
+        Sequence[Source],
+        Sequence[ArrayMeta],
+        Sequence[NodeWindow],
+        JobConfig,
+        _Clock,
+        tuple[int, int],
+    ]:
+        """The fields, not copied (``dataclasses.astuple`` would deep-copy the communicators)."""
+        return self.topo, self.sources, self.metas, self.windows, self.config, self.clock, self.readers
+
+
+def _fill(p: _Placing) -> None:
+    """Step 4: read every file input (this node's share of it), write every function source (collective on world)."""
+    topo, sources, metas, windows, config, clock, readers = p.unpack()
+    if any(isinstance(src, Hdf5Source) for src in sources):
+        import h5py  # noqa: F401  (imported before counting: its files are not the inputs' bytes)
     with sync.Collective(topo.world, timeout=config.placement_timeout):
+        before = _rchar()
         for src, meta, win in zip(sources, metas, windows, strict=True):
             try:
                 if src.parallel:
-                    _read_share(topo, src, meta, win, readers, config)
+                    clock.file_bytes += _read_share(topo, src, meta, win, readers, config)
                 else:
-                    _write_once(topo, src, meta, win, readers, config)
-            except HpcshareError:
-                raise
+                    _write_once(topo, src, meta, win, readers[0], config)
             except (Exception, SystemExit, KeyboardInterrupt) as exc:  # a rank must not leave alone
-                raise InputError.from_failure(src.name, f"placing {src.text} failed with", exc) from exc
+                error = _fill_error(topo, src, exc)
+                _drop_frames(exc)  # they hold views of the window, which is freed next
+                raise error from exc
+            win.sync()  # this rank's writes, visible to the leader that sends them to the other nodes
+        clock.rchar += _rchar() - before
         clock.own_done()
 
 
-def _between_nodes(topo: Topology, window: NodeWindow) -> None:
-    """Copy node 0's window into every other node's, once per node (collective on leaders)."""
+def _fill_error(topo: Topology, src: Source, exc: BaseException) -> HpcshareError:
+    """The error to agree on when placing ``src`` failed on this rank: it names the node and the file."""
+    where = f"on node {topo.node_index} ({topo.hostname})"
+    if isinstance(exc, HpcshareError):
+        try:
+            return type(exc)(f"{exc} ({where})")
+        except TypeError:  # an error class that takes other arguments
+            return exc
+    if isinstance(exc, OSError) and exc.filename is not None and src.parallel:
+        path = os.path.abspath(os.fsdecode(exc.filename))
+        return InputError(
+            f"input {src.name!r}: cannot read {path!r} {where}: {exc.strerror or exc}. Every node "
+            "must be able to read the file at the same path."
+        )
+    return InputError.from_failure(src.name, f"placing {src.text} {where} failed with", exc)
+
+
+def _exchange(
+    topo: Topology, window: NodeWindow, shares: Sequence[tuple[int, int]], config: JobConfig, what: str
+) -> int:
+    """Each node's share of ``window`` to every other node, in pipelined pieces (collective on leaders).
+
+    Node ``k``'s leader broadcasts bytes ``shares[k]`` of its window to the
+    other leaders, straight into their windows, in pieces of at most
+    ``_BCAST_PIECE`` bytes with up to ``_IN_FLIGHT`` broadcasts outstanding.
+    Returns the bytes this leader received.
+    """
     from mpi4py import MPI
 
     if topo.leaders == MPI.COMM_NULL or topo.n_nodes < 2:
-        return
-    data = window.bytes()
-    for a in range(0, window.nbytes, _BCAST_PIECE):
-        piece = data[a : a + _BCAST_PIECE]
-        sync.wait(topo.leaders.Ibcast([piece, MPI.BYTE], root=0), what="node 0's leader")
+        return 0
+    window.sync()  # the node's readers' writes, before sending them
+    data, me = window.bytes(), topo.leaders.Get_rank()
+    total = sum(hi - lo for k, (lo, hi) in enumerate(shares) if k != me)
+    progress = _Progress(what, total, topo.rank == 0 and not config.quiet)
+    pending: collections.deque[tuple[MPI.Request, int, int]] = collections.deque()
+    received = 0
+
+    def finish_one() -> None:
+        nonlocal received
+        request, sender, nbytes = pending.popleft()
+        sync.wait(request, timeout=config.placement_timeout, what=f"node {sender}'s leader")
+        received += nbytes
+        progress.add(nbytes)
+
+    for root, (lo, hi) in enumerate(shares):
+        for a in range(lo, hi, _BCAST_PIECE):
+            b = min(a + _BCAST_PIECE, hi)
+            pending.append(
+                (topo.leaders.Ibcast([data[a:b], MPI.BYTE], root=root), root, 0 if root == me else b - a)
+            )
+            if len(pending) >= _IN_FLIGHT:
+                finish_one()
+    while pending:
+        finish_one()
+    return received
 
 
-def _publish(
-    topo: Topology, sources: Sequence[Source], windows: Sequence[NodeWindow], config: JobConfig, clock: _Clock
-) -> None:
-    """Step 5: function sources to the other nodes; every rank's writes visible (collective on world)."""
+def _between_nodes(topo: Topology, window: NodeWindow, config: JobConfig, what: str) -> int:
+    """Copy node 0's window into every other node's, once per node (collective on leaders)."""
+    shares = [(0, window.nbytes)] + [(0, 0)] * (topo.n_nodes - 1)
+    return _exchange(topo, window, shares, config, what)
+
+
+def _publish(p: _Placing) -> None:
+    """Step 5: function sources, and with collective reading every node's share, to the other nodes;
+    every rank's writes visible (collective on world)."""
+    topo, sources, metas, windows, config, clock, readers = p.unpack()
     with sync.Collective(topo.world, timeout=config.placement_timeout):  # copies between nodes
-        for src, win in zip(sources, windows, strict=True):
+        for src, meta, win in zip(sources, metas, windows, strict=True):
+            what = f"exchanging {src.name!r} between nodes"
             if not src.parallel:
-                _between_nodes(topo, win)
+                clock.exchanged += _between_nodes(topo, win, config, what)
+            elif _collective(topo, config):
+                shares, _ = _plan(topo, src, meta, readers, True)
+                clock.exchanged += _exchange(topo, win, shares, config, what)
             win.sync()  # publish this rank's writes before the others read
         clock.own_done()
     for win in windows:
@@ -347,17 +495,26 @@ def _stats(
         filling = clock.steps["read"] + clock.steps["broadcast"]
         mine = RankStats(topo.rank, clock.own, filling - clock.own, clock.cpu_used(), worked)
         ranks = tuple(topo.world.allgather(mine))
+    traffic = topo.world.allreduce((clock.file_bytes, clock.rchar, clock.exchanged), op=_add_tuples)
     return PlacementStats(
         n_inputs=len(metas),
         nbytes=sum(m.nbytes for m in metas),
         n_nodes=topo.n_nodes,
         total=time.perf_counter() - clock.start,
         ranks=ranks,
+        read_mode="collective" if _collective(topo, config) else "per-node",
+        file_bytes=traffic[0],
+        rchar=traffic[1],
+        exchanged=traffic[2],
         **clock.steps,
     )
 
 
-def _log_summary(stats: PlacementStats, sources: Sequence[Source]) -> None:
+def _add_tuples(a: tuple[int, ...], b: tuple[int, ...], datatype: object = None) -> tuple[int, ...]:
+    return tuple(x + y for x, y in zip(a, b, strict=True))
+
+
+def _log_summary(stats: PlacementStats, sources: Sequence[Source], metas: Sequence[ArrayMeta]) -> None:
     rate = stats.nbytes / max(stats.read, 1e-9)
     all_files = all(s.parallel for s in sources)
     verb = "read" if all_files else "read/written"
@@ -365,11 +522,19 @@ def _log_summary(stats: PlacementStats, sources: Sequence[Source]) -> None:
         f"allocate {format_time(stats.allocate)}",
         f"{verb} {format_time(stats.read)} at {format_bytes(int(rate))}/s",
     ]
-    if stats.n_nodes > 1 and not all_files:
-        parts.append(f"between nodes {format_time(stats.broadcast)}")
+    if stats.exchanged:
+        parts.append(
+            f"between nodes {format_time(stats.broadcast)}, {format_bytes(stats.exchanged)} exchanged"
+        )
+    files = sum(m.nbytes for src, m in zip(sources, metas, strict=True) if src.parallel)
+    if files:
+        parts.append(
+            f"{stats.read_mode} reading: {format_bytes(stats.file_bytes)} read from files, "
+            f"{stats.file_bytes / files:.2f}x the file inputs"
+        )
     logger.info(
         f"placed {stats.n_inputs} input(s), {format_bytes(stats.nbytes)} per node on {stats.n_nodes} "
-        f"node(s), in {format_time(stats.total)} ({', '.join(parts)})"
+        f"node(s), in {format_time(stats.total)} ({'; '.join(parts)})"
     )
 
 
@@ -406,9 +571,10 @@ def place_inputs(
         )
     try:
         clock.restart_cpu()
-        _fill(topo, sources, metas, windows, config, clock)
+        placing = _Placing(topo, sources, metas, windows, config, clock, _all_readers(topo, config))
+        _fill(placing)
         clock.step("read")
-        _publish(topo, sources, windows, config, clock)
+        _publish(placing)
         clock.step("broadcast")
     except BaseException as exc:
         _drop_frames(exc)
@@ -418,5 +584,5 @@ def place_inputs(
         _register(sources, metas, windows, generation), _stats(topo, metas, clock, config, gather_stats)
     )
     if chatty and metas:
-        _log_summary(placement.stats, sources)
+        _log_summary(placement.stats, sources, metas)
     return placement

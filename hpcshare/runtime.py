@@ -133,8 +133,9 @@ def _preflight(
         check_world(world)
         job = load_main(main)
         tables = [t for name, src in (inputs or {}).items() if (t := table_source_for(name, src))]
-        for t in tables:
-            t.check()
+        if world.Get_rank() == CLIENT_RANK:  # the rank that reads them; the others do not touch the files
+            for t in tables:
+                t.check()
         named = {t.name for t in tables}
         sources = [source_for(name, src) for name, src in (inputs or {}).items() if name not in named]
     return config, job, sources, tables

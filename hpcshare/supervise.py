@@ -82,10 +82,11 @@ def ending() -> None:
 def term_on_parent_death() -> bool:
     """Have the kernel send this process SIGTERM when its parent dies (local; Linux; False if it cannot)."""
     import ctypes
-    import ctypes.util
 
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        # the process's own symbols (libc among them): ctypes.util.find_library would run
+        # ldconfig in a subprocess, and forking after MPI started can crash
+        libc = ctypes.CDLL(None, use_errno=True)
         return bool(libc.prctl(1, signal.SIGTERM, 0, 0, 0) == 0)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         return False

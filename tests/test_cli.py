@@ -14,7 +14,7 @@ import textwrap
 import h5py
 import numpy as np
 import pytest
-from helpers import assert_clean_success, hpcshare, report_rows, run_cmd
+from helpers import assert_clean_success, hpcshare, mpiexec, report_rows, run_cmd
 
 pytestmark = pytest.mark.usefixtures("clean_shm")
 
@@ -269,3 +269,42 @@ def test_ctrl_c_stops_the_job_at_once_and_cleans_up(clean_shm):
     assert proc.returncode != 0
     assert "interrupted; stopping the job" in err_text, err_text
     assert "Traceback" not in err_text, err_text
+
+
+def test_each_file_is_read_once_per_job_on_three_nodes_unless_per_node_is_asked(tmp_path):
+    np.save(tmp_path / "x.npy", np.arange(6 * 2**20, dtype=np.float64))  # 48 MiB: progress-sized
+    (tmp_path / "job.py").write_text(
+        "import numpy as np\n"
+        "def main(client, inputs):\n"
+        "    print('sums', sorted(set(client.run(lambda h=inputs['x']: float(np.asarray(h).sum())).values())))\n"
+    )
+    want = f"sums [{float(np.arange(6 * 2**20).sum())}]"
+    args = ("job", str(tmp_path / "job.py"), "-i", f"x={tmp_path / 'x.npy'}", "--ranks-per-node", "2")
+    run = hpcshare(6, *args)
+    assert_clean_success(run)
+    assert want in run.stdout
+    assert "on 3 node(s)" in run.stderr
+    assert "collective reading: 48.00 MiB read from files, 1.00x the file inputs" in run.stderr, run
+    assert "96.00 MiB exchanged" in run.stderr, run  # two other nodes' shares, to each of three nodes
+    run = hpcshare(6, *args, "--read", "per-node")
+    assert_clean_success(run)
+    assert want in run.stdout
+    assert "per-node reading: 144.00 MiB read from files, 3.00x the file inputs" in run.stderr, run
+    assert "exchanged" not in run.stderr, run
+
+
+def test_a_file_missing_on_one_node_ends_the_job_naming_the_node_and_the_file(tmp_path):
+    """Node 2's ranks run in a folder without the file: a node-local path missing on one node."""
+    here, there = tmp_path / "here", tmp_path / "there"
+    here.mkdir()
+    there.mkdir()
+    np.save(here / "x.npy", np.arange(1000))
+    cmd = [sys.executable, "-m", "hpcshare", "job", "-i", "x=x.npy", "--ranks-per-node", "3"]
+    run = run_cmd(
+        [mpiexec(), "-n", "6", "-wdir", str(here), *cmd, ":", "-n", "3", "-wdir", str(there), *cmd],
+        timeout=120,
+    )
+    assert run.returncode != 0, run
+    assert f"input 'x': cannot read '{there / 'x.npy'}' on node 2 (" in run.stderr, run
+    assert run.stderr.count("error:") == 1, run
+    assert "Traceback" not in run.stderr, run
