@@ -128,8 +128,8 @@ class Placement:
 class _Progress:
     """Progress lines for one rank's share of a long read or exchange, at most one per second."""
 
-    def __init__(self, what: str, total: int, enabled: bool) -> None:
-        self.what, self.total, self.enabled = what, total, enabled
+    def __init__(self, what: str, total: int, enabled: bool, whose: str = "of this rank's") -> None:
+        self.what, self.total, self.enabled, self.whose = what, total, enabled, whose
         self.done = 0
         self.start = self.last = time.monotonic()
 
@@ -140,7 +140,7 @@ class _Progress:
             self.last = now
             rate = self.done / max(now - self.start, 1e-9)
             logger.info(
-                f"{self.what}: {format_bytes(self.done)} of this rank's {format_bytes(self.total)} "
+                f"{self.what}: {format_bytes(self.done)} {self.whose} {format_bytes(self.total)} "
                 f"({100 * self.done / self.total:.0f}%, {format_bytes(int(rate))}/s)"
             )
 
@@ -409,7 +409,7 @@ def _exchange(
     window.sync()  # the node's readers' writes, before sending them
     data, me = window.bytes(), topo.leaders.Get_rank()
     total = sum(hi - lo for k, (lo, hi) in enumerate(shares) if k != me)
-    progress = _Progress(what, total, topo.rank == 0 and not config.quiet)
+    progress = _Progress(what, total, topo.rank == 0 and not config.quiet, "of the node's")
     pending: collections.deque[tuple[MPI.Request, int, int]] = collections.deque()
     received = 0
 
