@@ -1,11 +1,12 @@
 """Helpers shared by the tests: running commands the way a user types them, reading reports.
 
-Every subprocess runs in its own process group, bounded by a timeout that
-kills the group.
+Every subprocess runs in a session of its own, bounded by a timeout that
+kills every process of that session.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -15,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,6 +31,44 @@ def mpiexec() -> str:
             "mpiexec not found: install the MPI extra (pip install -e '.[mpich]') or load your site MPI"
         )
     return exe
+
+
+@functools.cache
+def mpi_library() -> str:
+    """The MPI library mpi4py loads here: "MPICH", "Open MPI", "Intel MPI", or its version line.
+
+    Asked of mpi4py without starting MPI (an Open MPI singleton would leave a
+    file in /dev/shm).
+    """
+    out = subprocess.run(
+        [sys.executable, "-m", "mpi4py", "--mpi-lib-version"], capture_output=True, text=True, timeout=60
+    ).stdout
+    for name, starts in (("MPICH", "MPICH"), ("Open MPI", "Open MPI"), ("Intel MPI", "Intel(R) MPI")):
+        if out.startswith(starts):
+            return name
+    return out.strip().split("\n")[0]
+
+
+def kill_job(proc: subprocess.Popen) -> None:
+    """SIGKILL every process of the session that ``proc`` (started with ``start_new_session``) leads.
+
+    That is the launcher, its proxies and every rank, whatever process group
+    the launcher puts them in: Open MPI's gives each rank its own, so killing
+    the launcher's group alone would leave the ranks to their parent-death
+    signal and its clean-up. Those are killed first, then the launcher's group
+    in one call. The /dev/shm watcher runs in a session of its own and stays,
+    as it does when a batch system kills a job.
+    """
+    for p in psutil.process_iter():
+        try:
+            if os.getsid(p.pid) == proc.pid and os.getpgid(p.pid) != proc.pid:
+                p.kill()
+        except (OSError, psutil.Error):  # gone already
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 class Run:
@@ -52,7 +92,7 @@ class Run:
 def run_cmd(
     args: list[str], *, timeout: float = 120, env: dict[str, str] | None = None, cwd: str | Path | None = None
 ) -> Run:
-    """Run a command in its own process group; on timeout kill the group and fail."""
+    """Run a command in a session of its own; on timeout kill the session's processes and fail."""
     full_env = dict(os.environ)
     full_env.setdefault("DASK_HPCSHARE__DASHBOARD_ADDRESS", "localhost:0")
     full_env.setdefault("OMP_NUM_THREADS", "1")
@@ -72,7 +112,7 @@ def run_cmd(
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_job(proc)
         out, err = proc.communicate()
         pytest.fail(f"timed out after {timeout} s: {' '.join(args)}\n--- stdout\n{out}\n--- stderr\n{err}")
     return Run(args, proc.returncode, out, err, time.monotonic() - t)

@@ -11,7 +11,9 @@ import time
 
 import psutil
 import pytest
-from helpers import hpcshare, mpiexec
+from helpers import hpcshare, kill_job, mpiexec
+
+pytestmark = pytest.mark.each_mpi
 
 
 @pytest.mark.usefixtures("clean_shm")
@@ -51,7 +53,11 @@ def _scratch() -> set[str]:
 @pytest.mark.usefixtures("clean_shm")
 def test_ranks_end_within_seconds_when_their_launcher_is_killed(tmp_path):
     job = tmp_path / "job.py"
-    job.write_text("import time\ndef main(client, inputs):\n    time.sleep(120)\n")
+    running = tmp_path / "running"
+    job.write_text(
+        f"import pathlib, time\ndef main(client, inputs):\n    pathlib.Path({str(running)!r}).touch()\n"
+        "    time.sleep(120)\n"
+    )
     proc = subprocess.Popen(
         [mpiexec(), "-n", "3", sys.executable, "-m", "hpcshare", "job", str(job), "-q"],
         stdout=subprocess.DEVNULL,
@@ -59,21 +65,20 @@ def test_ranks_end_within_seconds_when_their_launcher_is_killed(tmp_path):
         start_new_session=True,
     )
     try:
-        ranks: list[psutil.Process] = []
         deadline = time.monotonic() + 60
-        while len(ranks) < 3 and time.monotonic() < deadline:  # the ranks are up and in main
-            time.sleep(0.5)
-            tree = psutil.Process(proc.pid).children(recursive=True)
-            # MPICH: mpiexec -> hydra proxy -> ranks; Open MPI: prterun -> ranks
-            ranks = [p for p in tree if p.exe() == psutil.Process().exe() and "-m" in p.cmdline()]
+        while not running.exists():  # the job is up and in main
+            assert proc.poll() is None and time.monotonic() < deadline, "the job did not reach main"
+            time.sleep(0.2)
+        tree = psutil.Process(proc.pid).children(recursive=True)
+        # MPICH: mpiexec -> hydra proxy -> ranks; Open MPI: prterun -> ranks
+        ranks = [p for p in tree if p.exe() == psutil.Process().exe() and "-m" in p.cmdline()]
         assert len(ranks) == 3, ranks
-        time.sleep(3)
         launcher = {proc.pid, *(r.ppid() for r in ranks)}
         for pid in launcher:  # what a batch system does after the grace time: SIGKILL, no cleanup
             os.kill(pid, signal.SIGKILL)
         proc.wait(timeout=10)
     except BaseException:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_job(proc)
         raise
     deadline = time.monotonic() + 15
     while (alive := [p for p in ranks if _running(p)]) and time.monotonic() < deadline:
