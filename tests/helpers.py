@@ -49,21 +49,57 @@ def mpi_library() -> str:
     return out.strip().split("\n")[0]
 
 
-def kill_job(proc: subprocess.Popen) -> None:
-    """SIGKILL every process of the session that ``proc`` (started with ``start_new_session``) leads.
+def running(p: psutil.Process) -> bool:
+    """Whether ``p`` runs: a zombie has ended, whether or not anybody reaps it."""
+    try:
+        return p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
-    That is the launcher, its proxies and every rank, whatever process group
-    the launcher puts them in: Open MPI's gives each rank its own, so killing
-    the launcher's group alone would leave the ranks to their parent-death
-    signal and its clean-up. Those are killed first, then the launcher's group
-    in one call. The /dev/shm watcher runs in a session of its own and stays,
-    as it does when a batch system kills a job.
+
+def job_processes(proc: subprocess.Popen) -> list[psutil.Process]:
+    """The running processes of the job that ``proc``, a launcher started with ``start_new_session``, runs.
+
+    Its descendants, and whatever else is left in its session: MPICH's
+    proxy starts a session of its own, Open MPI's launcher puts each rank in
+    a process group of its own, and ranks whose launcher died belong to
+    nobody. Not the /dev/shm watcher (``hpcshare/shm.py``), which outlives
+    the ranks on purpose.
     """
+    found: dict[int, psutil.Process] = {}
+    try:
+        launcher = psutil.Process(proc.pid)
+        found = {p.pid: p for p in [launcher, *launcher.children(recursive=True)]}
+    except psutil.Error:  # the launcher has ended
+        pass
     for p in psutil.process_iter():
         try:
-            if os.getsid(p.pid) == proc.pid and os.getpgid(p.pid) != proc.pid:
+            if os.getsid(p.pid) == proc.pid:
+                found.setdefault(p.pid, p)
+        except OSError:  # gone already
+            pass
+    return [p for p in found.values() if running(p) and not _is_watcher(p)]
+
+
+def _is_watcher(p: psutil.Process) -> bool:
+    try:
+        return any(arg.endswith(os.path.join("hpcshare", "shm.py")) for arg in p.cmdline())
+    except psutil.Error:
+        return False
+
+
+def kill_job(proc: subprocess.Popen) -> None:
+    """SIGKILL the :func:`job_processes` of ``proc`` at once, as a batch system kills a job.
+
+    Those outside the launcher's process group first (killing that group
+    alone would leave the ranks to their launcher's clean-up or their
+    parent-death signal), then the launcher's group in one call.
+    """
+    for p in job_processes(proc):
+        try:
+            if os.getpgid(p.pid) != proc.pid:
                 p.kill()
-        except (OSError, psutil.Error):  # gone already
+        except (OSError, psutil.Error):
             pass
     try:
         os.killpg(proc.pid, signal.SIGKILL)

@@ -11,7 +11,7 @@ import time
 
 import psutil
 import pytest
-from helpers import hpcshare, kill_job, mpiexec
+from helpers import hpcshare, kill_job, mpiexec, running
 
 pytestmark = pytest.mark.each_mpi
 
@@ -53,9 +53,9 @@ def _scratch() -> set[str]:
 @pytest.mark.usefixtures("clean_shm")
 def test_ranks_end_within_seconds_when_their_launcher_is_killed(tmp_path):
     job = tmp_path / "job.py"
-    running = tmp_path / "running"
+    in_main = tmp_path / "in-main"
     job.write_text(
-        f"import pathlib, time\ndef main(client, inputs):\n    pathlib.Path({str(running)!r}).touch()\n"
+        f"import pathlib, time\ndef main(client, inputs):\n    pathlib.Path({str(in_main)!r}).touch()\n"
         "    time.sleep(120)\n"
     )
     proc = subprocess.Popen(
@@ -66,7 +66,7 @@ def test_ranks_end_within_seconds_when_their_launcher_is_killed(tmp_path):
     )
     try:
         deadline = time.monotonic() + 60
-        while not running.exists():  # the job is up and in main
+        while not in_main.exists():  # the job is up and in main
             assert proc.poll() is None and time.monotonic() < deadline, "the job did not reach main"
             time.sleep(0.2)
         tree = psutil.Process(proc.pid).children(recursive=True)
@@ -81,15 +81,8 @@ def test_ranks_end_within_seconds_when_their_launcher_is_killed(tmp_path):
         kill_job(proc)
         raise
     deadline = time.monotonic() + 15
-    while (alive := [p for p in ranks if _running(p)]) and time.monotonic() < deadline:
+    while (alive := [p for p in ranks if running(p)]) and time.monotonic() < deadline:
         time.sleep(0.2)
     for p in alive:
         p.kill()
     assert not alive, f"ranks still running 15 s after their launcher died: {alive}"
-
-
-def _running(p: psutil.Process) -> bool:
-    try:
-        return p.status() != psutil.STATUS_ZOMBIE  # a zombie has ended; nobody is left to reap it
-    except psutil.NoSuchProcess:
-        return False
