@@ -226,11 +226,11 @@ def run(
         freed either way, unless arrays that view it are still referenced
         (then it stays mapped until the process exits, with a warning).
     """
+    _end_with_launcher()  # before MPI starts: Open MPI's MPI_Init makes its files in /dev/shm
     from mpi4py import MPI
 
     world = MPI.COMM_WORLD if comm is None else comm
     install_handler(only_if_unconfigured=True)
-    _end_with_launcher()
     config, job, sources, tables = _preflight(world, main, inputs, options)
     with contextlib.ExitStack() as stack:
         topo = stack.enter_context(Topology.create(world, config.ranks_per_node))

@@ -8,6 +8,8 @@ import sys
 import pytest
 from helpers import ROOT, mpiexec, run_cmd
 
+pytestmark = pytest.mark.each_mpi
+
 RANKS = 5
 
 

@@ -14,7 +14,9 @@ import time
 
 import psutil
 import pytest
-from helpers import hpcshare, mpiexec
+from helpers import hpcshare, kill_job, mpiexec, running
+
+pytestmark = pytest.mark.each_mpi
 
 
 @pytest.mark.usefixtures("clean_shm")
@@ -70,21 +72,14 @@ def test_ranks_end_within_seconds_when_their_launcher_is_killed(tmp_path):
             p.kill()
         proc.wait(timeout=10)
     except BaseException:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_job(proc)
         raise
     deadline = time.monotonic() + 15
-    while (alive := [p for p in ranks if _running(p)]) and time.monotonic() < deadline:
+    while (alive := [p for p in ranks if running(p)]) and time.monotonic() < deadline:
         time.sleep(0.2)
     for p in alive:
         p.kill()
     assert not alive, f"ranks still running 15 s after their launcher died: {alive}"
-
-
-def _running(p: psutil.Process) -> bool:
-    try:
-        return p.status() != psutil.STATUS_ZOMBIE  # a zombie has ended; nobody is left to reap it
-    except psutil.NoSuchProcess:
-        return False
 
 
 @pytest.mark.usefixtures("clean_shm")
@@ -112,7 +107,7 @@ def test_a_worker_killed_with_sigkill_is_named_with_its_signal(tmp_path):
         victim.kill()
         _, err = proc.communicate(timeout=30)
     except BaseException:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_job(proc)
         raise
     assert proc.returncode != 0, err
     expected = f"hpcshare: rank 3 (worker on {socket.gethostname()}, pid {victim.pid}) was killed by signal 9 (SIGKILL)"
@@ -137,7 +132,7 @@ def _job_in_main(tmp_path, n: int) -> subprocess.Popen[str]:
         assert proc.stdout is not None and select.select([proc.stdout], [], [], 60)[0], "main did not start"
         assert proc.stdout.readline() == "in main\n"
     except BaseException:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_job(proc)
         raise
     return proc
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from helpers import ROOT, mpiexec
+from helpers import ROOT, kill_job, mpiexec
 
 from hpcshare.security import Credentials, dashboard_is_open, listen_interface, make_credentials
 
@@ -78,7 +78,9 @@ def _start(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[str], dict]:
     deadline = time.monotonic() + 90
     while not (tmp_path / "cluster.json").exists():
         assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "the job did not start"
+        if time.monotonic() > deadline:
+            kill_job(proc)
+            pytest.fail(f"the job did not start within 90 s: {proc.communicate()}")
         time.sleep(0.1)
     time.sleep(0.2)  # the file is written in one call; let it land
     return proc, json.loads((tmp_path / "cluster.json").read_text())
@@ -101,11 +103,16 @@ def _listening(pids: list[int]) -> set[tuple[str, int]]:
 
 def _finish(proc: subprocess.Popen[str], tmp_path: Path) -> tuple[str, str]:
     (tmp_path / "go").touch()
-    out, err = proc.communicate(timeout=120)
+    try:
+        out, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        kill_job(proc)
+        pytest.fail(f"the job did not end within 120 s of being let go: {proc.communicate()}")
     assert proc.returncode == 0, (out, err)
     return out, err
 
 
+@pytest.mark.each_mpi
 @pytest.mark.usefixtures("clean_shm")
 def test_an_outside_client_is_refused_and_nothing_listens_beyond_loopback(tmp_path):
     proc, cluster = _start(tmp_path)
@@ -129,6 +136,7 @@ def test_an_outside_client_is_refused_and_nothing_listens_beyond_loopback(tmp_pa
             _finish(proc, tmp_path)
 
 
+@pytest.mark.each_mpi
 @pytest.mark.usefixtures("clean_shm")
 def test_no_tls_is_plain_tcp_still_on_loopback_and_a_wide_dashboard_is_warned_about(tmp_path):
     proc, cluster = _start(tmp_path, "--no-tls", "--dashboard-address", ":0")
@@ -201,6 +209,7 @@ def main(client, inputs):
 """
 
 
+@pytest.mark.each_mpi
 @pytest.mark.usefixtures("clean_shm")
 def test_shared_inputs_cannot_be_written_through_numpy_or_from_c(tmp_path):
     import numpy as np

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
 
-from helpers import mpiexec
+import pytest
+from helpers import kill_job, mpiexec
+
+pytestmark = pytest.mark.each_mpi
 
 PUTTING = """
 import numpy as np
@@ -46,7 +48,7 @@ def test_kill_9_during_a_put_leaves_nothing_in_dev_shm(tmp_path, clean_shm):
         time.sleep(1.0)  # several puts in, on both nodes
         assert len(set(job_files()) - before) >= 1
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # every rank and mpiexec at once, no clean-up code runs
+        kill_job(proc)  # every rank and mpiexec at once, no clean-up code runs
         proc.communicate()
     deadline = time.monotonic() + 20  # the host's watcher sees the ranks gone and sweeps
     while (left := set(job_files()) - before) and time.monotonic() < deadline:
