@@ -32,24 +32,33 @@ def test_sys_exit_in_a_source_function_is_an_input_error_not_a_hang(tmp_path):
 def test_sys_exit_in_a_task_ends_the_job_at_once_naming_the_task_and_worker(tmp_path):
     job = tmp_path / "job.py"
     job.write_text(
-        "import sys\n"
+        "import sys\nimport dask\n"
         "def bye(i):\n    sys.exit(5)\n"
-        "def main(client, inputs):\n    client.submit(bye, 1, key='the-bye-task').result()\n"
+        "def main(client, inputs):\n"
+        "    print('scratch folder:', dask.config.get('temporary-directory'), flush=True)\n"
+        "    client.submit(bye, 1, key='the-bye-task').result()\n"
     )
-    before = _scratch()
+    before = _dask_scratch()
     run = hpcshare(3, "job", str(job), "-q", timeout=60)
     assert run.returncode == 5, run
     assert run.seconds < 30, run  # not the 120 s timeout
     assert "task 'the-bye-task' called sys.exit(5) on worker rank 2" in run.stderr, run
-    deadline = time.monotonic() + 5  # the watcher removes the job's scratch folder
-    while (left := _scratch() - before) and time.monotonic() < deadline:
+    # the job's own scratch folder (other jobs on this machine may have theirs in the same place)
+    scratch = re.search(r"^scratch folder: (\S+)$", run.stdout, re.M)
+    assert scratch and os.path.basename(scratch[1]).startswith("hpcshare-"), run
+    deadline = time.monotonic() + 5  # the watcher removes it
+    while (left := _left_behind(scratch[1], before)) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not left, f"left behind in {tempfile.gettempdir()}: {left}"
+    assert not left, f"left behind: {left}"
 
 
-def _scratch() -> set[str]:
-    """Dask's and hpcshare's scratch folders in the temporary directory."""
-    return {n for n in os.listdir(tempfile.gettempdir()) if n.startswith(("hpcshare-", "dask-scratch"))}
+def _dask_scratch() -> set[str]:
+    """Dask's own scratch folders in the temporary directory: a job of hpcshare's makes none there."""
+    return {n for n in os.listdir(tempfile.gettempdir()) if n.startswith("dask-scratch")}
+
+
+def _left_behind(scratch: str, dask_scratch_before: set[str]) -> set[str]:
+    return ({scratch} if os.path.exists(scratch) else set()) | (_dask_scratch() - dask_scratch_before)
 
 
 @pytest.mark.usefixtures("clean_shm")
