@@ -115,6 +115,7 @@ def test_overhead_measures_tls_and_handles_in_real_jobs(tmp_path):
         assert r["protocol"] == protocol and {j["protocol"] for j in r["runs"]} == {protocol}, r
         assert r["checksum"] == expected_checksum(2000), r  # every task ran once, with and without handles
         assert len(r["runs"]) == 4 and sum(j["tasks"] for j in r["runs"]) == 2000, r
+        assert len(r["handle_pairs"]) == 8 and all(p > 0 for p in r["handle_pairs"]), r  # 2 pairs a job
         # sane, not judged: a shared 2-core machine
         assert 0 < r["dask_startup"] < r["startup"] < 120, r
         assert 0 < r["tiny_none_per_s"] < 1e6 and 0 < r["tiny_handle_per_s"] < 1e6, r

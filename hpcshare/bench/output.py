@@ -200,15 +200,16 @@ def _tiny_cells(r: BenchRow) -> str:
     return (
         f"{need(r.startup):>12.3f} {need(r.dask_startup):>12.3f} "
         f"{need(r.tiny_none_per_s):>12.1f} {none:>8.1f} {need(r.tiny_handle_per_s):>14.1f} {handle:>8.1f} "
-        f"{handle / none:>10.3f}x"
+        f"{handle / none:>10.3f}x {r.handle_ratio:>10.3f}x"
     )
 
 
 def format_overhead_table(rows: Sequence[BenchRow]) -> str:
-    """``--overhead``'s rows: start-up, and each kind of tiny task's throughput and cost per task."""
+    """``--overhead``'s rows: start-up, each kind of tiny task's throughput and cost per task, and
+    handle over none in total and as the median over pairs of neighbouring blocks."""
     head = (
         f"{'contender':<21} {'W':>3} {'tasks':>7} {'start-up s':>12} {'Dask start s':>12} "
-        f"{'none tasks/s':>12} {'us/task':>8} {'handle tasks/s':>14} {'us/task':>8} {'handle/none':>11}"
+        f"{'none tasks/s':>12} {'us/task':>8} {'handle tasks/s':>14} {'us/task':>8} {'handle/none':>11} {'pair median':>11}"
     )
     return _table(head, rows, lambda r: f"{r.label:<21} {r.workers:>3} {r.tasks:>7} ", _tiny_cells)
 

@@ -14,9 +14,10 @@ small launch-time input ``X.npy`` (``--no-tls``: plain TCP, as ``hpcshare job
 - N tiny tasks through ``client.map`` that receive their index only
   (``none``), and N that also receive the input's handle, resolve it and read
   one element (``handle``), each kind timed from ``client.map`` until the
-  client holds every result. The kinds alternate in blocks of
+  client holds every result. The kinds alternate in blocks of about
   :data:`BLOCK` tasks, none, handle, handle, none, so that a change in the
-  machine's load weighs on both alike.
+  machine's load weighs on both alike; each pair of neighbouring blocks
+  gives a handle-over-none ratio, whose median the target is judged on.
 
 The tasks do nothing else: what is measured is Dask's cost per task, the
 transport's (TLS or TCP) and the handle's. The driver runs :data:`JOB_ORDER`:
@@ -53,7 +54,7 @@ __all__ = [
 
 KINDS = ("none", "handle")  #: the two kinds of tiny task
 TINY_TASKS = 100_000  #: tasks of each kind, with TLS and without, unless ``--tiny-tasks`` says otherwise
-BLOCK = 5000  #: tasks of one kind submitted at once, about what the kinds alternate by
+BLOCK = 2000  #: about how many tasks of one kind are submitted at once; the kinds alternate by blocks
 WARM_UP = 1000  #: tasks of each kind a job runs before it measures (imports, connections, caches)
 #: the jobs of one worker count, in order: TLS on (True) and off, alternating as the kinds do
 JOB_ORDER = (True, False, False, True, True, False, False, True)
@@ -90,10 +91,9 @@ def _blocks(n: int) -> list[tuple[str, range]]:
     return order
 
 
-def _measure(client: Any, handle: Any, n: int) -> tuple[dict[str, float], int]:
-    """Seconds each kind's N tasks took, and the sum of every result (local, on the client)."""
-    seconds = dict.fromkeys(KINDS, 0.0)
-    checksum = 0
+def _measure(client: Any, handle: Any, n: int) -> tuple[list[float], int]:
+    """Each of :func:`_blocks`'s seconds, in order, and the sum of every result (local, on the client)."""
+    seconds, checksum = [], 0
     for kind, indices in _blocks(n):
         if kind == "none":
             t = time.perf_counter()
@@ -102,11 +102,28 @@ def _measure(client: Any, handle: Any, n: int) -> tuple[dict[str, float], int]:
             handles = [handle] * len(indices)
             t = time.perf_counter()
             results = client.gather(client.map(tiny_with_handle, handles, indices, pure=False))
-        seconds[kind] += time.perf_counter() - t
+        seconds.append(time.perf_counter() - t)
         checksum += sum(results)
     if checksum != n * n:
         raise RuntimeError(f"the tiny tasks' results sum to {checksum}, not {n * n}: some did not run once")
     return seconds, checksum
+
+
+def _figures(n: int, seconds: list[float]) -> dict[str, Any]:
+    """Each kind's tasks a second, and each pair of neighbouring blocks' handle-over-none time ratio.
+
+    Blocks come in fours, none, handle, handle, none, the two of a pair on
+    the same indices: a burst of the machine's other load shows in one pair,
+    not in their median.
+    """
+    kinds = [kind for kind, _ in _blocks(n)]
+    total = {kind: sum(t for k, t in zip(kinds, seconds, strict=True) if k == kind) for kind in KINDS}
+    fours = [seconds[i : i + 4] for i in range(0, len(seconds), 4)]
+    return {
+        "task_phase": sum(seconds),
+        "handle_pairs": [ratio for a, b, c, d in fours for ratio in (b / a, c / d)],
+        **{f"tiny_{kind}_per_s": n / total[kind] for kind in KINDS},
+    }
 
 
 def run_tiny(args: argparse.Namespace) -> None:
@@ -128,9 +145,8 @@ def run_tiny(args: argparse.Namespace) -> None:
             "dask_startup": ready - placed[0],
             "protocol": client.scheduler.address.split("://")[0],
             "checksum": float(checksum),
-            "task_phase": sum(seconds.values()),
         }
-        write(args.out, figures | {f"tiny_{kind}_per_s": args.tasks / seconds[kind] for kind in KINDS})
+        write(args.out, figures | _figures(args.tasks, seconds))
 
     def on_placed(stats: Any) -> None:
         placed.append(time.perf_counter())
@@ -157,6 +173,7 @@ def combine(jobs: Sequence[BenchRow]) -> BenchRow:
             "dask_startup": statistics.median(need(j.dask_startup) for j in jobs),
             "task_phase": sum(seconds.values()),
             "checksum": sum(need(j.checksum) for j in jobs),
+            "handle_pairs": [ratio for j in jobs for ratio in j.handle_pairs or []],
             **{f"tiny_{kind}_per_s": tasks / seconds[kind] for kind in KINDS},
             "runs": [
                 {

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import statistics
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 __all__ = ["BenchRow", "need"]
+
+T = TypeVar("T")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +54,7 @@ class BenchRow:
     dask_startup: float | None = None  #: the part of it from the inputs placed: Dask and TLS
     tiny_none_per_s: float | None = None  #: tiny tasks a second, each receiving its index only
     tiny_handle_per_s: float | None = None  #: the same, each also receiving a handle it resolves
+    handle_pairs: list[float] | None = None  #: handle-over-none time of each pair of neighbouring blocks
     protocol: str | None = None  #: the scheme of the scheduler's address: tls or tcp
     runs: list[dict[str, Any]] | None = None  #: each job's own figures (the row's: totals, medians)
 
@@ -67,6 +71,11 @@ class BenchRow:
         rate = need(getattr(self, f"tiny_{kind}_per_s"), f"{kind} tasks a second")
         return 1e6 / rate
 
+    @property
+    def handle_ratio(self) -> float:
+        """The median of :attr:`handle_pairs`: what a handle costs a tiny task, as a ratio."""
+        return statistics.median(need(self.handle_pairs, "handle-over-none ratios"))
+
     def ended(self, status: str, note: str = "", **measured: Any) -> BenchRow:
         """This row with its outcome and the driver's figures."""
         return dataclasses.replace(self, status=status, note=note, **measured)
@@ -82,7 +91,7 @@ class BenchRow:
         }
 
 
-def need(value: float | None, what: str = "figure") -> float:
+def need(value: T | None, what: str = "figure") -> T:
     """``value``, which an ``ok`` row of this contender always has (raises if it is missing)."""
     if value is None:
         raise ValueError(f"the benchmark row has no {what}")
