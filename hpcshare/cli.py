@@ -14,6 +14,7 @@ from typing import Any, NoReturn
 
 from . import __version__
 from .bench.driver import ALL_CONTENDERS
+from .bench.overhead import TINY_TASKS
 from .config import positive_int, size_in_bytes
 from .demo import DEFAULT_SIZE, DEFAULT_TASKS
 from .errors import ConfigError
@@ -181,33 +182,45 @@ def _parser() -> argparse.ArgumentParser:
             "(unidist-put), for an array and for a DataFrame (groupby). One run after another; "
             "each measured from outside (node memory as the sum of PSS over its processes, "
             "sampled: the peak, and the peak while the tasks ran; time to ready; task phase; "
-            "bytes moved). Run it directly, not under mpiexec: it starts mpiexec itself."
+            "bytes moved). With --overhead, instead: the job's own costs, with TLS and without, "
+            "at start-up and per tiny task, with an input handle and without. Run it directly, not "
+            "under mpiexec: it starts mpiexec itself."
         ),
     )
     bench.set_defaults(subparser=bench)
+    bench.add_argument("--sizes", metavar="S[,S...]", help="input sizes (default 256MiB,1GiB)")
     bench.add_argument(
-        "--sizes", default="256MiB,1GiB", metavar="S[,S...]", help="input sizes (default 256MiB,1GiB)"
+        "--workers", metavar="W[,W...]", help="worker counts (default 1,2,4; with --overhead 2)"
     )
-    bench.add_argument("--workers", default="1,2,4", metavar="W[,W...]", help="worker counts (default 1,2,4)")
-    bench.add_argument("--tasks", type=_positive, default=16, metavar="T", help="tasks per run (default 16)")
+    bench.add_argument("--tasks", type=_positive, metavar="T", help="tasks per run (default 16)")
     bench.add_argument(
         "--contenders",
-        default=",".join(ALL_CONTENDERS),
         metavar="NAME[,NAME...]",
         help=f"which to run (default: all of {','.join(ALL_CONTENDERS)})",
     )
     bench.add_argument(
         "--workloads",
-        default="array,frame",
         metavar="NAME[,NAME]",
         help="array (every contender) and/or frame (a DataFrame groupby: hpcshare-put, scatter, "
         "ray-put); default array,frame",
     )
     bench.add_argument(
         "--nodes",
-        default="1,2",
         metavar="N[,N...]",
         help="emulated nodes for hpcshare-put (default 1,2: the second shows the transfer between nodes)",
+    )
+    bench.add_argument(
+        "--overhead",
+        action="store_true",
+        help="instead of the contenders: the job's own costs (hpcshare-tiny), with TLS and with --no-tls: "
+        "start-up to a ready client, and tiny tasks through client.map that receive an input handle "
+        "and resolve it, or receive none (a 1 MiB input; --workers default 2, one thread each)",
+    )
+    bench.add_argument(
+        "--tiny-tasks",
+        type=_positive,
+        metavar="N",
+        help=f"--overhead: tiny tasks of each kind, with TLS and without (default {TINY_TASKS})",
     )
     bench.add_argument(
         "--out", default="bench-out", metavar="DIR", help="where bench.json, bench.txt and bench.png go"
@@ -367,9 +380,28 @@ def _bench(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             "it starts mpiexec itself for each contender"
         )
 
+    contenders_only = [
+        f"--{k}" for k in ("sizes", "tasks", "contenders", "workloads", "nodes") if getattr(ns, k) is not None
+    ]
+    if ns.overhead and contenders_only:
+        parser.error(
+            f"{', '.join(contenders_only)}: for the contenders, not --overhead (its jobs run tiny tasks "
+            "on a 1 MiB input; --workers and --tiny-tasks set them)"
+        )
+    if ns.tiny_tasks is not None and not ns.overhead:
+        parser.error("--tiny-tasks goes with --overhead")
     try:
         cfg = config_from_args(
-            ns.sizes, ns.workers, ns.tasks, ns.contenders, ns.out, ns.scratch, ns.workloads, ns.nodes
+            ns.sizes,
+            ns.workers,
+            ns.tasks,
+            ns.contenders,
+            ns.out,
+            ns.scratch,
+            ns.workloads,
+            ns.nodes,
+            overhead=ns.overhead,
+            tiny_tasks=ns.tiny_tasks,
         )
     except ConfigError as exc:
         parser.error(str(exc))

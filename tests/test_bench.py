@@ -11,6 +11,7 @@ import pytest
 from helpers import run_cmd
 
 from hpcshare.bench import BenchRow, make_inputs, memory_needed, run_one
+from hpcshare.bench.overhead import JOB_ORDER, expected_checksum
 from hpcshare.bench.workloads import frame_work, make_frame
 
 
@@ -98,6 +99,51 @@ def test_every_contender_runs_the_same_workload_and_agrees(tmp_path):
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.usefixtures("clean_shm")
+def test_overhead_measures_tls_and_handles_in_real_jobs(tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "hpcshare", "bench", "--overhead", "--tiny-tasks", "2000", "--out", str(out)]
+    run = run_cmd(cmd, timeout=400)
+    assert run.returncode == 0, run
+    result = json.loads((out / "bench.json").read_text())
+    assert result["config"] == {"overhead": True, "workers": [2], "tiny_tasks": 2000, "jobs": list(JOB_ORDER)}
+    rows = {BenchRow(**r).label: r for r in result["rows"]}
+    assert set(rows) == {"hpcshare-tiny", "hpcshare-tiny no-tls"}
+    for label, protocol in (("hpcshare-tiny", "tls"), ("hpcshare-tiny no-tls", "tcp")):
+        r = rows[label]
+        assert r["status"] == "ok" and r["workers"] == 2 and r["tasks"] == 2000, r
+        assert r["protocol"] == protocol and {j["protocol"] for j in r["runs"]} == {protocol}, r
+        assert r["checksum"] == expected_checksum(2000), r  # every task ran once, with and without handles
+        assert len(r["runs"]) == 4 and sum(j["tasks"] for j in r["runs"]) == 2000, r
+        assert len(r["handle_pairs"]) == 8 and all(p > 0 for p in r["handle_pairs"]), r  # 2 pairs a job
+        # sane, not judged: a shared 2-core machine
+        assert 0 < r["dask_startup"] < r["startup"] < 120, r
+        assert 0 < r["tiny_none_per_s"] < 1e6 and 0 < r["tiny_handle_per_s"] < 1e6, r
+        assert "node_memory" not in r  # not sampled: the sampler would take CPU from the tasks
+    costs = {c["what"]: c for c in result["costs"]}
+    assert set(costs) == {
+        "TLS per task, no handle, W=2",
+        "TLS per task, with a handle, W=2",
+        "TLS at start-up, launch to ready client, W=2",
+        "TLS at start-up, inputs placed to ready client, W=2",
+        "a handle per task, TLS on, W=2",
+        "a handle per task, TLS off, W=2",
+    }
+    tls, plain = rows["hpcshare-tiny"], rows["hpcshare-tiny no-tls"]
+    per_task = costs["TLS per task, no handle, W=2"]
+    assert per_task["with_it"] == pytest.approx(1e6 / tls["tiny_none_per_s"])
+    assert per_task["without"] == pytest.approx(1e6 / plain["tiny_none_per_s"])
+    assert costs["TLS at start-up, launch to ready client, W=2"]["extra"] == pytest.approx(
+        tls["startup"] - plain["startup"]
+    )
+    assert result["targets"] == [] and "the handle target is stated for 100000 tiny tasks" in run.stdout
+    assert result["checksums_agree"] is True
+    text = (out / "bench.txt").read_text()
+    assert "hpcshare-tiny no-tls" in text and "a handle per task, TLS on, W=2: " in text
+    assert text in run.stdout.replace("\r", "")  # what was printed is what was written
+    assert not (out / "bench.png").exists()
+
+
 def test_a_contender_that_would_not_fit_is_skipped_with_its_figure(tmp_path):
     row = run_one("scatter", tmp_path / "x.npy", tmp_path / "x.h5", 2**40, 6, 4, tmp_path, 60)
     assert row.status == "skipped"
@@ -112,6 +158,9 @@ def test_a_contender_that_would_not_fit_is_skipped_with_its_figure(tmp_path):
         ["--contenders", "dask,spark"],
         ["--workloads", "table"],
         ["--nodes", "3"],  # the default --workers 1,2,4: a run with 1 worker cannot have 3 nodes
+        ["--overhead", "--sizes", "1GiB"],  # --overhead runs its own jobs on a small input
+        ["--tiny-tasks", "5000"],  # without --overhead
+        ["--overhead", "--tiny-tasks", "10"],  # too few to split over the jobs
     ],
 )
 def test_bad_bench_arguments_are_refused(args):

@@ -1,8 +1,12 @@
-"""The benchmark's verdicts on hpcshare-put, from rows with known figures (pure logic)."""
+"""The benchmark's verdicts on hpcshare-put and on --overhead, from rows with known figures (pure logic)."""
 
 from __future__ import annotations
 
+import pytest
+
 from hpcshare.bench import BenchRow
+from hpcshare.bench.output import overhead_costs, report_text
+from hpcshare.bench.overhead import combine, expected_checksum
 from hpcshare.bench.targets import targets
 
 GiB, MiB = 2**30, 2**20
@@ -71,3 +75,74 @@ def test_frame_resolve_must_stay_under_100_us_and_flat_in_s():
     )
     flat = v["DataFrame resolve flat in S (1.00 GiB over 256.00 MiB <= 1.5), W=4"]
     assert flat == (False, "120.0 us vs 10.0 us (12.00x)")
+
+
+def tiny(tls: bool = True, none: float = 500.0, handle: float = 490.0, tasks: int = 100_000, **fig):
+    """An --overhead row: tiny tasks a second with no handle and with one."""
+    fig = {"startup": 2.0, "dask_startup": 0.3, "handle_pairs": [none / handle], **fig}
+    return BenchRow("hpcshare-tiny", MiB, 2, tasks, "tiny", 1, tls).ended(
+        "ok", tiny_none_per_s=none, tiny_handle_per_s=handle, **fig
+    )
+
+
+HANDLE_TARGET = (
+    "tiny tasks that receive a handle within 5% of those that receive none, TLS on, W=2, 100000 tasks of each"
+)
+
+
+def test_handles_within_5_percent_of_none_is_judged_on_the_median_pair_with_tls_on():
+    # 480 tasks/s with a handle against 500 without: 2083.3 us against 2000.0 us a task
+    pairs = [1.01, 1.03, 1.2, 0.99, 1.04]
+    met = verdicts([tiny(none=500.0, handle=480.0, handle_pairs=pairs), tiny(tls=False, handle=300.0)])
+    figure = "median 1.030x over 5 pairs of blocks; in total 2083.3 us vs 2000.0 us a task (1.042x)"
+    assert met == {HANDLE_TARGET: (True, figure)}  # TLS off (1.67x) is not judged
+    missed = verdicts([tiny(none=500.0, handle=490.0, handle_pairs=[1.06, 1.07, 0.9])])
+    assert missed[HANDLE_TARGET][0] is False  # the median pair is 6% slower, the totals only 2%
+    # a burst of other load during a few blocks moves the totals, not the median
+    burst = verdicts([tiny(none=500.0, handle=400.0, handle_pairs=[1.0, 1.02, 3.0, 1.01, 2.5])])
+    assert burst[HANDLE_TARGET] == (
+        True,
+        "median 1.020x over 5 pairs of blocks; in total 2500.0 us vs 2000.0 us a task (1.250x)",
+    )
+
+
+def test_the_handle_target_is_not_judged_on_fewer_than_100000_tasks():
+    assert verdicts([tiny(tasks=99_999, none=500.0, handle=100.0)]) == {}
+
+
+def test_overhead_costs_compare_tls_with_no_tls_and_a_handle_with_none():
+    on = tiny(none=400.0, handle=380.0, startup=2.5, dask_startup=0.5)
+    off = tiny(tls=False, none=500.0, handle=500.0, startup=2.0, dask_startup=0.2)
+    costs = {c.what: c for c in overhead_costs([on, off])}
+    tls_task = costs["TLS per task, no handle, W=2"]
+    assert (tls_task.with_it, tls_task.without) == (2500.0, 2000.0)
+    assert (
+        str(tls_task) == "TLS per task, no handle, W=2: +500.0 us (2500.0 us with, 2000.0 us without: 1.250x)"
+    )
+    assert costs["TLS per task, with a handle, W=2"].ratio == pytest.approx(500 / 380)
+    assert costs["TLS at start-up, launch to ready client, W=2"].extra == pytest.approx(0.5)
+    assert costs["TLS at start-up, inputs placed to ready client, W=2"].ratio == pytest.approx(2.5)
+    assert costs["a handle per task, TLS on, W=2"].ratio == pytest.approx(400 / 380)
+    assert costs["a handle per task, TLS off, W=2"].extra == 0
+    assert [c.what for c in overhead_costs([on])] == ["a handle per task, TLS on, W=2"]  # nothing to compare
+    text = report_text([on, off])
+    assert "hpcshare-tiny no-tls" in text and str(tls_task) in text
+    assert "node memory" not in text  # no contender ran: no memory table
+
+
+def test_combine_adds_up_the_jobs_of_one_setting():
+    jobs = [
+        tiny(tasks=1000, none=500.0, handle=250.0, startup=s, dask_startup=s / 10, wall=9.0, checksum=1e6)
+        for s in (2.0, 3.0, 10.0)
+    ]
+    jobs[1] = jobs[1].with_figures({"tiny_none_per_s": 1000.0, "handle_pairs": [1.5, 0.5]})
+    row = combine(jobs)
+    assert row.tasks == 3000 and row.checksum == 3e6 and row.wall == 27.0
+    # 3000 tasks in 2 + 1 + 2 s without a handle, in 12 s with one
+    assert row.tiny_none_per_s == pytest.approx(600.0) and row.tiny_handle_per_s == pytest.approx(250.0)
+    assert (row.startup, row.dask_startup) == (3.0, pytest.approx(0.3))  # medians: one slow start-up
+    assert [r["startup"] for r in row.runs] == [2.0, 3.0, 10.0]
+    assert row.handle_pairs == [2.0, 1.5, 0.5, 2.0] and row.handle_ratio == 1.75
+    failed = combine([jobs[0], jobs[1].ended("failed", "exit code 1"), jobs[2]])
+    assert (failed.status, failed.note, failed.tasks) == ("failed", "exit code 1", 3000)
+    assert expected_checksum(2000) == 4 * 500**2  # each setting's 2,000 tasks over 4 jobs of 500

@@ -3,6 +3,8 @@
 - :mod:`.driver`: the inputs, one contender run at a time, the result;
 - :mod:`.contenders`: each contender as its own program
   (``python -m hpcshare.bench.contenders``);
+- :mod:`.overhead`: ``--overhead``, the job's own costs: start-up and tiny
+  tasks, with TLS and without, with an input handle and without;
 - :mod:`.sampling`: node memory of a run's process tree, measured from outside;
 - :mod:`.rows`: :class:`BenchRow`, one run's figures;
 - :mod:`.targets`: the project's targets, judged from the rows;

@@ -1,14 +1,15 @@
 """One contender of ``hpcshare bench``, run as its own program and measured from outside.
 
 ``python -m hpcshare.bench.contenders CONTENDER --npy PATH --h5 PATH --tasks T --workers W --out JSON
-[--workload array|frame] [--nodes N]``
+[--workload array|frame|tiny] [--nodes N] [--no-tls] [--launched T]``
 
 MPI contenders (hpcshare, hpcshare-h5, hpcshare-put, scatter, submit,
-unidist-put, the mpi-transfer baseline) run under ``mpiexec -n W+2``; the
-others (fork, ray, ray-put, the other baselines) run as one process that
-starts its own workers. Each writes its figures as JSON to ``--out``.
-:mod:`.workloads` holds the workloads; :mod:`.putting` the contenders that
-make their object at run time (the ``-put`` ones).
+unidist-put, hpcshare-tiny, the mpi-transfer baseline) run under ``mpiexec
+-n W+2``; the others (fork, ray, ray-put, the other baselines) run as one
+process that starts its own workers. Each writes its figures as JSON to
+``--out``. :mod:`.workloads` holds the workloads; :mod:`.putting` the
+contenders that make their object at run time (the ``-put`` ones);
+:mod:`.overhead` the job's own costs (hpcshare-tiny, ``--overhead``).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import numpy as np
 if TYPE_CHECKING:
     from ..placement import PlacementStats
 
-from . import putting
+from . import overhead, putting
 from .workloads import (
     WORKLOADS,
     hpcshare_task,
@@ -222,6 +223,7 @@ CONTENDERS = {
     "shm-copy": run_shm_copy,
     "h5-read-direct": run_h5_read_direct,
     "mpi-transfer": putting.run_mpi_transfer,
+    "hpcshare-tiny": overhead.run_tiny,
 }
 
 
@@ -233,8 +235,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tasks", type=int, required=True)
     p.add_argument("--workers", type=int, required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--workload", choices=WORKLOADS, default="array")
+    p.add_argument("--workload", choices=(*WORKLOADS, "tiny"), default="array", help="tiny: hpcshare-tiny's")
     p.add_argument("--nodes", type=int, default=1, help="hpcshare-put: emulated nodes")
+    p.add_argument("--no-tls", dest="tls", action="store_false", help="hpcshare-tiny: plain TCP, not TLS")
+    p.add_argument(
+        "--launched",
+        type=float,
+        help="hpcshare-tiny: wall-clock time of the launch (default: the rank's start)",
+    )
     args = p.parse_args(argv)
     CONTENDERS[args.contender](args)
     return 0

@@ -5,11 +5,13 @@ hpcshare.bench.contenders``, under mpiexec for the MPI ones), one after
 another, so a run's memory is its own. The driver samples the node memory
 of the run's process tree from outside (:mod:`.sampling`), reads the
 figures the contender wrote, and hands the rows to :mod:`.targets` and
-:mod:`.output`.
+:mod:`.output`. With ``--overhead`` it runs :mod:`.overhead`'s jobs instead,
+with TLS and without, and samples no memory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import json
@@ -23,17 +25,18 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 from dask.utils import format_bytes, parse_bytes
 
 from .. import shm
 from ..errors import ConfigError
-from .output import BASELINES, BenchResult, format_table, line, write_plot, write_results
+from .output import BASELINES, BenchResult, line, report_text, write_plot, write_results
+from .overhead import JOB_ORDER, TINY_TASKS, combine, shares
 from .rows import BenchRow
 from .sampling import PeakMemory, available_memory, kill_group
-from .targets import checksums_agree, targets
+from .targets import JUDGED_TINY_TASKS, checksums_agree, targets
 from .workloads import WORKLOADS
 
 __all__ = ["BenchConfig", "config_from_args", "make_inputs", "memory_needed", "run_bench", "run_one"]
@@ -46,6 +49,7 @@ MPI_CONTENDERS = (
     "scatter",
     "submit",
     "unidist-put",
+    "hpcshare-tiny",
 )
 ALL_CONTENDERS = (
     "hpcshare",
@@ -67,7 +71,11 @@ UNIDIST_ENV = {
     "UNIDIST_MPI_SHARED_OBJECT_STORE": "True",
 }
 PROCESS_BYTES = 160 * 2**20  # what one Dask or MPI process costs before any data
-EMPTY_BYTES = 2**20  # the input of the hpcshare-empty run
+EMPTY_BYTES = 2**20  # the input of the hpcshare-empty run, and of --overhead's jobs
+DEFAULT_SIZES, DEFAULT_WORKERS, DEFAULT_TASKS = "256MiB,1GiB", "1,2,4", 16
+DEFAULT_WORKLOADS, DEFAULT_NODES = "array,frame", "1,2"
+OVERHEAD_WORKERS = "2"  #: --overhead: 2 workers of 1 thread, with the scheduler and client: 4 ranks
+MIN_TINY_TASKS = 100  #: --tiny-tasks: the fewest that every job of each setting gets a share of
 T = TypeVar("T")
 
 
@@ -84,6 +92,8 @@ class BenchConfig:
     workloads: tuple[str, ...] = ("array", "frame")
     nodes: tuple[int, ...] = (1, 2)  #: emulated nodes for the contenders that run on several
     timeout: float = 1800.0  #: seconds one contender run may take
+    overhead: bool = False  #: run the job's own costs (hpcshare-tiny) instead of the contenders
+    tiny_tasks: int = TINY_TASKS  #: --overhead: tiny tasks of each kind, with TLS and without
 
 
 def parse_list(text: str, convert: Callable[[str], T]) -> tuple[T, ...]:
@@ -91,16 +101,26 @@ def parse_list(text: str, convert: Callable[[str], T]) -> tuple[T, ...]:
 
 
 def config_from_args(
-    sizes: str,
-    workers: str,
-    tasks: int,
-    contenders: str,
-    out: str,
-    scratch: str | None,
-    workloads: str = "array,frame",
-    nodes: str = "1,2",
+    sizes: str | None = None,
+    workers: str | None = None,
+    tasks: int | None = None,
+    contenders: str | None = None,
+    out: str = "bench-out",
+    scratch: str | None = None,
+    workloads: str | None = None,
+    nodes: str | None = None,
+    overhead: bool = False,
+    tiny_tasks: int | None = None,
 ) -> BenchConfig:
-    """Validate ``hpcshare bench`` arguments (local)."""
+    """Validate ``hpcshare bench`` arguments (local); one given as None takes its default.
+
+    With ``overhead`` the workers default to :data:`OVERHEAD_WORKERS` and only
+    ``workers`` and ``tiny_tasks`` are used.
+    """
+    sizes, tasks = sizes or DEFAULT_SIZES, tasks or DEFAULT_TASKS
+    workers = workers or (OVERHEAD_WORKERS if overhead else DEFAULT_WORKERS)
+    contenders = contenders or ",".join(ALL_CONTENDERS)
+    workloads, nodes = workloads or DEFAULT_WORKLOADS, nodes or DEFAULT_NODES
     try:
         size_list = parse_list(sizes, lambda t: int(parse_bytes(t)))
     except ValueError as exc:
@@ -129,6 +149,11 @@ def config_from_args(
             f"--nodes takes emulated node counts like 1,2, each at least 1 and at most the "
             f"smallest --workers ({min(worker_list)}: every node needs a worker), got {nodes!r}"
         )
+    if tiny_tasks is not None and tiny_tasks < MIN_TINY_TASKS:
+        raise ConfigError(
+            f"--tiny-tasks must be at least {MIN_TINY_TASKS} (each setting's tasks are split over "
+            f"{JOB_ORDER.count(True)} jobs), got {tiny_tasks}"
+        )
     return BenchConfig(
         size_list,
         worker_list,
@@ -138,6 +163,8 @@ def config_from_args(
         Path(scratch) if scratch else None,
         kinds,
         node_list,
+        overhead=overhead,
+        tiny_tasks=tiny_tasks or TINY_TASKS,
     )
 
 
@@ -178,6 +205,7 @@ def memory_needed(contender: str, nbytes: int, workers: int, nodes: int = 1) -> 
         "hpcshare": nbytes + procs,
         "hpcshare-h5": nbytes + procs,
         "hpcshare-empty": procs,
+        "hpcshare-tiny": procs,
         # the maker's private object, then one node file per emulated node
         "hpcshare-put": nbytes * (1 + nodes) + procs,
         # measured here at W = 1: 3 S (the client's copy and two serialization buffers,
@@ -243,16 +271,26 @@ def run_one(
     timeout: float,
     workload: str = "array",
     nodes: int = 1,
+    tls: bool | None = None,
 ) -> BenchRow:
-    """Run one contender, measured from outside (local)."""
-    row = BenchRow(contender, nbytes, workers, tasks, workload, nodes)
+    """Run one contender, measured from outside (local).
+
+    ``tls`` is hpcshare-tiny's setting (False: ``--no-tls``). Its runs are
+    not sampled for memory: the sampler's CPU time would be taken from the
+    tasks it times.
+    """
+    row = BenchRow(contender, nbytes, workers, tasks, workload, nodes, tls)
     reason = _why_not(contender, nbytes, workers, workload, nodes)
     if reason:
         return row.ended("skipped", reason)
-    out = scratch / f"{contender}-{workload}-{nbytes}-{workers}-{nodes}.json"
+    out = (
+        scratch / f"{contender}-{workload}-{nbytes}-{workers}-{nodes}{'-no-tls' if tls is False else ''}.json"
+    )
     cmd = [*_command(contender, workers), "--npy", str(npy), "--h5", str(h5)]
     cmd += ["--tasks", str(tasks), "--workers", str(workers), "--out", str(out)]
     cmd += ["--workload", workload, "--nodes", str(nodes)]
+    if contender == "hpcshare-tiny":
+        cmd += [*(["--no-tls"] if tls is False else []), "--launched", repr(time.time())]
     env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
     env["DASK_TEMPORARY_DIRECTORY"] = str(scratch)  # Dask's scratch files go with the run's, not to /tmp
     if contender == "unidist-put":
@@ -263,7 +301,7 @@ def run_one(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
     )
     try:
-        with PeakMemory(proc.pid) as memory:
+        with PeakMemory(proc.pid) if contender != "hpcshare-tiny" else contextlib.nullcontext() as memory:
             output, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         kill_group(proc)
@@ -274,12 +312,13 @@ def run_one(
     finally:
         # a contender killed for time (or by the OOM killer) cannot remove its MPI files
         shm.sweep_orphans(shm_before)
-    row = row.ended("ok", wall=time.perf_counter() - t, node_memory=memory.peak, processes=memory.processes)
+    sampled = {"node_memory": memory.peak, "processes": memory.processes} if memory is not None else {}
+    row = row.ended("ok", wall=time.perf_counter() - t).with_figures(sampled)
     if proc.returncode != 0 or not out.exists():
         tail = "\n".join(output.strip().splitlines()[-15:])
         return row.ended("failed", f"exit code {proc.returncode}:\n{tail}")
     row = row.with_figures(json.loads(out.read_text()))
-    if row.task_window:  # the steady state: the object made and shared, the tasks running
+    if memory is not None and row.task_window:  # the steady state: the object made and shared, tasks running
         row = row.with_figures({"steady_memory": memory.peak_between(*row.task_window)})
     return row
 
@@ -362,8 +401,32 @@ def _runs_at_size(
         h5.unlink()
 
 
+def _overhead_rows(cfg: BenchConfig, scratch: Path, empty: tuple[Path, Path]) -> Iterator[BenchRow]:
+    """``--overhead``: at each W the hpcshare-tiny jobs of JOB_ORDER, then one row per TLS setting."""
+    per_job = shares(cfg.tiny_tasks, JOB_ORDER.count(True))
+    for workers in cfg.workers:
+        jobs: dict[bool, list[BenchRow]] = {True: [], False: []}
+        for tls in JOB_ORDER:
+            tasks = per_job[len(jobs[tls])]
+            job = run_one(
+                "hpcshare-tiny", *empty, EMPTY_BYTES, workers, tasks, scratch, cfg.timeout, "tiny", tls=tls
+            )
+            _progress(line(job))
+            jobs[tls].append(job)
+        yield combine(jobs[True])
+        yield combine(jobs[False])
+
+
+def _all_rows(cfg: BenchConfig, scratch: Path, empty: tuple[Path, Path]) -> Iterator[BenchRow]:
+    if cfg.overhead:
+        yield from _overhead_rows(cfg, scratch, empty)
+        return
+    for nbytes in cfg.sizes:
+        yield from _runs_at_size(cfg, scratch, nbytes, empty)
+
+
 def _result(cfg: BenchConfig, rows: list[BenchRow], started: float, interrupted: bool = False) -> BenchResult:
-    config = {
+    config: dict[str, Any] = {
         "sizes": cfg.sizes,
         "workers": cfg.workers,
         "tasks": cfg.tasks,
@@ -371,13 +434,26 @@ def _result(cfg: BenchConfig, rows: list[BenchRow], started: float, interrupted:
         "workloads": cfg.workloads,
         "nodes": cfg.nodes,
     }
+    if cfg.overhead:
+        config = {"overhead": True, "workers": cfg.workers, "tiny_tasks": cfg.tiny_tasks, "jobs": JOB_ORDER}
     return BenchResult(
         config, time.perf_counter() - started, rows, checksums_agree(rows), targets(rows), interrupted
     )
 
 
+_NONE_JUDGED = (
+    "targets: none judged; they are stated for inputs of at least 1 GiB (memory ones at W = 4): "
+    "add 1GiB to --sizes"
+)
+_NONE_JUDGED_OVERHEAD = (
+    f"targets: none judged; the handle target is stated for {JUDGED_TINY_TASKS} tiny tasks or more: "
+    "raise --tiny-tasks"
+)
+
+
 def run_bench(cfg: BenchConfig) -> BenchResult:
-    """Run every contender at every size and worker count; write JSON, table and plot (local)."""
+    """Run every contender at every size and worker count, or with ``overhead`` the hpcshare-tiny
+    jobs at every worker count; write JSON, table and plot (local)."""
     signal.signal(signal.SIGTERM, _terminate)  # clean up (the running contender, the inputs) on kill
     cfg.out.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="hpcshare-bench-", dir=cfg.scratch))
@@ -385,9 +461,8 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
     started = time.perf_counter()
     try:
         empty = make_inputs(scratch, EMPTY_BYTES)
-        for nbytes in cfg.sizes:
-            for row in _runs_at_size(cfg, scratch, nbytes, empty):
-                rows.append(row)  # one at a time: an interrupted run keeps the rows so far
+        for row in _all_rows(cfg, scratch, empty):
+            rows.append(row)  # one at a time: an interrupted run keeps the rows so far
     except KeyboardInterrupt:
         write_results(_result(cfg, rows, started, interrupted=True), cfg.out)
         raise
@@ -395,14 +470,14 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
         shutil.rmtree(scratch, ignore_errors=True)
     result = _result(cfg, rows, started)
     write_results(result, cfg.out)
-    print(format_table(rows))
+    print(report_text(rows))
     for t in result.targets:
         print(f"target {'met ' if t.met else 'MISSED'}  {t.what}: {t.figure}")
     if not result.targets:
-        print(
-            "targets: none judged; they are stated for inputs of at least 1 GiB (memory ones at W = 4): "
-            "add 1GiB to --sizes"
-        )
+        print(_NONE_JUDGED_OVERHEAD if cfg.overhead else _NONE_JUDGED)
+    if cfg.overhead:
+        print(f"written: {cfg.out / 'bench.json'}, {cfg.out / 'bench.txt'}")
+        return result
     plot = write_plot(rows, cfg.out / "bench.png")
     print(
         f"written: {cfg.out / 'bench.json'}, {cfg.out / 'bench.txt'}"

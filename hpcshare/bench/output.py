@@ -1,23 +1,108 @@
-"""What ``hpcshare bench`` writes: bench.json, the table (bench.txt), the plot (bench.png)."""
+"""What ``hpcshare bench`` writes: bench.json, the table (bench.txt), the plot (bench.png).
+
+With ``--overhead``, bench.txt holds the overhead table and what TLS and
+handles cost (:func:`overhead_costs`); there is no plot.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from dask.utils import format_bytes
 
-from .rows import BenchRow
-from .targets import Target
+from .rows import BenchRow, need
+from .targets import Target, find
 
-__all__ = ["BenchResult", "format_table", "line", "write_plot", "write_results"]
+__all__ = [
+    "BenchResult",
+    "Cost",
+    "format_overhead_table",
+    "format_table",
+    "line",
+    "overhead_costs",
+    "report_text",
+    "write_plot",
+    "write_results",
+]
 
 #: contenders that are not a way of running the workload, only a yardstick
 BASELINES = ("shm-copy", "h5-read-direct", "mpi-transfer")
+TINY = "hpcshare-tiny"  #: ``--overhead``'s contender, which has a table of its own
+
+
+@dataclasses.dataclass(frozen=True)
+class Cost:
+    """What one thing costs: a figure with it against the same figure without it."""
+
+    what: str
+    unit: str  #: "us" (a task) or "s" (start-up)
+    with_it: float
+    without: float
+
+    @property
+    def extra(self) -> float:
+        return self.with_it - self.without
+
+    @property
+    def ratio(self) -> float:
+        return self.with_it / self.without
+
+    def to_json(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "extra": self.extra, "ratio": self.ratio}
+
+    def __str__(self) -> str:
+        d = 1 if self.unit == "us" else 3
+        return (
+            f"{self.what}: {self.extra:+.{d}f} {self.unit} ({self.with_it:.{d}f} {self.unit} with, "
+            f"{self.without:.{d}f} {self.unit} without: {self.ratio:.3f}x)"
+        )
+
+
+def overhead_costs(rows: Sequence[BenchRow]) -> list[Cost]:
+    """TLS's cost per task and at start-up, and a handle's per task, at each W with both rows (local)."""
+    out: list[Cost] = []
+    for w in sorted({r.workers for r in rows if r.contender == TINY}):
+        on, off = (find(rows, TINY, workers=w, workload="tiny", tls=tls) for tls in (True, False))
+        if on is not None and off is not None:
+            out += [
+                Cost(
+                    f"TLS per task, no handle, W={w}", "us", on.per_task_us("none"), off.per_task_us("none")
+                ),
+                Cost(
+                    f"TLS per task, with a handle, W={w}",
+                    "us",
+                    on.per_task_us("handle"),
+                    off.per_task_us("handle"),
+                ),
+                Cost(
+                    f"TLS at start-up, launch to ready client, W={w}",
+                    "s",
+                    need(on.startup),
+                    need(off.startup),
+                ),
+                Cost(
+                    f"TLS at start-up, inputs placed to ready client, W={w}",
+                    "s",
+                    need(on.dask_startup),
+                    need(off.dask_startup),
+                ),
+            ]
+        for row, setting in ((on, "TLS on"), (off, "TLS off")):
+            if row is not None:
+                out.append(
+                    Cost(
+                        f"a handle per task, {setting}, W={w}",
+                        "us",
+                        row.per_task_us("handle"),
+                        row.per_task_us("none"),
+                    )
+                )
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +127,7 @@ class BenchResult:
             "rows": [r.to_json() for r in self.rows],
             "checksums_agree": self.checksums_agree,
             "targets": [dataclasses.asdict(t) for t in self.targets],
+            "costs": [c.to_json() for c in overhead_costs(self.rows)],
             "interrupted": self.interrupted,
         }
 
@@ -49,7 +135,17 @@ class BenchResult:
 def write_results(result: BenchResult, out: Path) -> None:
     """bench.json and bench.txt in ``out`` (local)."""
     (out / "bench.json").write_text(json.dumps(result.to_json(), indent=1, default=str))
-    (out / "bench.txt").write_text(format_table(result.rows) + "\n")
+    (out / "bench.txt").write_text(report_text(result.rows) + "\n")
+
+
+def report_text(rows: Sequence[BenchRow]) -> str:
+    """bench.txt: the contenders' table, and the overhead table with the costs, for the rows there are."""
+    memory = [r for r in rows if r.contender != TINY]
+    tiny = [r for r in rows if r.contender == TINY]
+    parts = [format_table(memory)] if memory or not tiny else []
+    if tiny:
+        parts += [format_overhead_table(tiny), "\n".join(str(c) for c in overhead_costs(tiny))]
+    return "\n\n".join(p for p in parts if p)
 
 
 def line(row: BenchRow) -> str:
@@ -57,6 +153,11 @@ def line(row: BenchRow) -> str:
     what = f"{row.label} S={format_bytes(row.size)} W={row.workers}"
     if row.status != "ok":
         return f"{what}: {row.status} ({row.note})"
+    if row.contender == TINY:
+        return (
+            f"{what}, {row.tasks} tasks: start-up {need(row.startup):.3f} s, "
+            f"{need(row.tiny_none_per_s):.0f} tasks/s, with a handle {need(row.tiny_handle_per_s):.0f}"
+        )
     return f"{what}: node memory {format_bytes(row.node_memory or 0)}, ready {row.ready or 0:.3f} s"
 
 
@@ -71,21 +172,46 @@ def _cells(r: BenchRow) -> str:
     return f"{mem:>12} {steady:>12} {ready:>8} {phase:>8} {ovh:>11} {moved:>10}  {checksum}"
 
 
+def _table(
+    head: str, rows: Sequence[BenchRow], start: Callable[[BenchRow], str], cells: Callable[[BenchRow], str]
+) -> str:
+    """The head, a rule, then a line per row: its start, then its cells or how it ended and why."""
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if r.status != "ok":
+            note = r.note.splitlines()[0] if r.note else ""
+            lines.append(f"{start(r)}{r.status:>12}  {note}")
+        else:
+            lines.append(start(r) + cells(r))
+    return "\n".join(lines)
+
+
 def format_table(rows: Sequence[BenchRow]) -> str:
     head = (
         f"{'contender':<21} {'S':>10} {'W':>3} {'node memory':>12} {'while tasks':>12} {'ready s':>8} "
         f"{'tasks s':>8} "
         f"{'ovh/task ms':>11} {'moved':>10}  checksum / note"
     )
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        start = f"{r.label:<21} {format_bytes(r.size):>10} {r.workers:>3} "
-        if r.status != "ok":
-            note = r.note.splitlines()[0] if r.note else ""
-            lines.append(f"{start}{r.status:>12}  {note}")
-        else:
-            lines.append(start + _cells(r))
-    return "\n".join(lines)
+    return _table(head, rows, lambda r: f"{r.label:<21} {format_bytes(r.size):>10} {r.workers:>3} ", _cells)
+
+
+def _tiny_cells(r: BenchRow) -> str:
+    none, handle = r.per_task_us("none"), r.per_task_us("handle")
+    return (
+        f"{need(r.startup):>12.3f} {need(r.dask_startup):>12.3f} "
+        f"{need(r.tiny_none_per_s):>12.1f} {none:>8.1f} {need(r.tiny_handle_per_s):>14.1f} {handle:>8.1f} "
+        f"{handle / none:>10.3f}x {r.handle_ratio:>10.3f}x"
+    )
+
+
+def format_overhead_table(rows: Sequence[BenchRow]) -> str:
+    """``--overhead``'s rows: start-up, each kind of tiny task's throughput and cost per task, and
+    handle over none in total and as the median over pairs of neighbouring blocks."""
+    head = (
+        f"{'contender':<21} {'W':>3} {'tasks':>7} {'start-up s':>12} {'Dask start s':>12} "
+        f"{'none tasks/s':>12} {'us/task':>8} {'handle tasks/s':>14} {'us/task':>8} {'handle/none':>11} {'pair median':>11}"
+    )
+    return _table(head, rows, lambda r: f"{r.label:<21} {r.workers:>3} {r.tasks:>7} ", _tiny_cells)
 
 
 def _series(ok: Sequence[BenchRow]) -> tuple[int, int]:
@@ -113,7 +239,7 @@ def write_plot(rows: Sequence[BenchRow], path: Path) -> Path | None:
     ok = [  # one node's memory: runs on several emulated nodes hold a copy per node
         r
         for r in rows
-        if r.status == "ok" and r.contender not in (*BASELINES, "hpcshare-empty") and r.nodes == 1
+        if r.status == "ok" and r.contender not in (*BASELINES, "hpcshare-empty", TINY) and r.nodes == 1
     ]
     if not ok:
         return None

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import statistics
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 __all__ = ["BenchRow", "need"]
+
+T = TypeVar("T")
 
 
 @dataclasses.dataclass(frozen=True)
 class BenchRow:
-    """One contender at one input size and worker count.
+    """One contender at one input size and worker count (and TLS setting, for hpcshare-tiny).
 
     The driver fills ``status`` to ``note``; the contender's program writes the
     figures after that (each contender the ones that apply to it, the others
@@ -22,8 +25,9 @@ class BenchRow:
     size: int  #: input bytes
     workers: int
     tasks: int
-    workload: str = "array"  #: "array" or "frame" (see :mod:`.workloads`)
+    workload: str = "array"  #: "array" or "frame" (see :mod:`.workloads`), "tiny" for hpcshare-tiny
     nodes: int = 1  #: emulated nodes (hpcshare-put); 1 for every other contender
+    tls: bool | None = None  #: hpcshare-tiny: TLS on (the job's default) or off (``--no-tls``)
     status: str = "pending"  #: ok, failed or skipped
     note: str = ""  #: why it failed or was skipped
     # measured from outside by the driver
@@ -45,13 +49,32 @@ class BenchRow:
     resolve_us_p99: float | None = None
     probe_task_median: float | None = None  #: hpcshare: resolve + read 1 MiB, cached, seconds
     probe_task_first_read_median: float | None = None  #: the same, first read, seconds
+    # written by hpcshare-tiny (``hpcshare bench --overhead``)
+    startup: float | None = None  #: seconds from the launch until the client is ready
+    dask_startup: float | None = None  #: the part of it from the inputs placed: Dask and TLS
+    tiny_none_per_s: float | None = None  #: tiny tasks a second, each receiving its index only
+    tiny_handle_per_s: float | None = None  #: the same, each also receiving a handle it resolves
+    handle_pairs: list[float] | None = None  #: handle-over-none time of each pair of neighbouring blocks
+    protocol: str | None = None  #: the scheme of the scheduler's address: tls or tcp
+    runs: list[dict[str, Any]] | None = None  #: each job's own figures (the row's: totals, medians)
 
     @property
     def label(self) -> str:
         """The contender, with its workload and node count where they are not the default."""
         frame = " frame" if self.workload == "frame" else ""
         nodes = f" {self.nodes}n" if self.nodes > 1 else ""
-        return f"{self.contender}{frame}{nodes}"
+        tls = " no-tls" if self.tls is False else ""
+        return f"{self.contender}{frame}{nodes}{tls}"
+
+    def per_task_us(self, kind: str) -> float:
+        """Microseconds a tiny task of ``kind`` ("none" or "handle") took, the cluster's 1 / throughput."""
+        rate = need(getattr(self, f"tiny_{kind}_per_s"), f"{kind} tasks a second")
+        return 1e6 / rate
+
+    @property
+    def handle_ratio(self) -> float:
+        """The median of :attr:`handle_pairs`: what a handle costs a tiny task, as a ratio."""
+        return statistics.median(need(self.handle_pairs, "handle-over-none ratios"))
 
     def ended(self, status: str, note: str = "", **measured: Any) -> BenchRow:
         """This row with its outcome and the driver's figures."""
@@ -68,7 +91,7 @@ class BenchRow:
         }
 
 
-def need(value: float | None, what: str = "figure") -> float:
+def need(value: T | None, what: str = "figure") -> T:
     """``value``, which an ``ok`` row of this contender always has (raises if it is missing)."""
     if value is None:
         raise ValueError(f"the benchmark row has no {what}")

@@ -1,7 +1,8 @@
 """The project's benchmark targets, judged from a run's rows.
 
 The targets are stated for inputs of 1 GiB and more; the memory ones at
-W = 4 workers (docs/benchmarks.md says why each figure is what it is).
+W = 4 workers; ``--overhead``'s handle target for 100,000 tiny tasks and
+more (docs/benchmarks.md says why each figure is what it is).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ __all__ = ["Target", "checksums_agree", "targets"]
 
 MIN_SIZE = 2**30  # targets are judged for inputs of at least this many bytes
 MEMORY_WORKERS = 4  # memory targets are judged at this worker count
+JUDGED_TINY_TASKS = 100_000  # the handle target is judged at this many tiny tasks of each kind or more
+HANDLE_COST = 1.05  # tiny tasks that receive a handle: at most this many times those that receive none
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,8 +46,9 @@ def find(
     workers: int | None = None,
     workload: str = "array",
     nodes: int = 1,
+    tls: bool | None = None,
 ) -> BenchRow | None:
-    """The first ``ok`` row of ``contender`` (at ``size`` and ``workers`` when given)."""
+    """The first ``ok`` row of ``contender`` (at ``size``, ``workers`` and ``tls`` when given)."""
     for r in rows:
         if (
             r.contender == contender
@@ -53,6 +57,7 @@ def find(
             and (workers is None or r.workers == workers)
             and r.workload == workload
             and r.nodes == nodes
+            and (tls is None or r.tls is tls)
         ):
             return r
     return None
@@ -223,10 +228,28 @@ def _flat_frame_resolve(rows: Sequence[BenchRow]) -> Iterator[Target]:
             )
 
 
+def _handle_cost(r: BenchRow) -> Iterator[Target]:
+    """``--overhead``: tiny tasks that receive a handle take at most 5% longer than those that receive none.
+
+    Judged on the median over pairs of neighbouring blocks, which a burst of
+    other load on the machine moves less than the totals.
+    """
+    none, handle, median = r.per_task_us("none"), r.per_task_us("handle"), r.handle_ratio
+    yield Target(
+        f"tiny tasks that receive a handle within 5% of those that receive none, TLS on, "
+        f"W={r.workers}, {r.tasks} tasks of each",
+        median <= HANDLE_COST,
+        f"median {median:.3f}x over {len(r.handle_pairs or [])} pairs of blocks; in total "
+        f"{handle:.1f} us vs {none:.1f} us a task ({handle / none:.3f}x)",
+    )
+
+
 def targets(rows: Sequence[BenchRow]) -> list[Target]:
     """The targets these rows can judge, in the order docs/benchmarks.md lists them."""
     out: list[Target] = []
     for r in rows:
+        if r.status == "ok" and r.contender == "hpcshare-tiny" and r.tls and r.tasks >= JUDGED_TINY_TASKS:
+            out += _handle_cost(r)
         if r.status != "ok" or r.size < MIN_SIZE:
             continue
         tag = f"S={format_bytes(r.size)}, W={r.workers}"
