@@ -223,6 +223,14 @@ def _parser() -> argparse.ArgumentParser:
         help=f"--overhead: tiny tasks of each kind, with TLS and without (default {TINY_TASKS})",
     )
     bench.add_argument(
+        "--placement",
+        action="store_true",
+        help="instead of the contenders: placement alone of a .npy file and of a gzip-chunked HDF5 "
+        "dataset (--sizes, one size, default 512MiB) on --nodes emulated nodes (default 1,2,3,4) of "
+        "two ranks, with collective and with per-node reading: bytes read from the files (counted, "
+        "and /proc rchar), bytes exchanged between nodes, time to ready",
+    )
+    bench.add_argument(
         "--out", default="bench-out", metavar="DIR", help="where bench.json, bench.txt and bench.png go"
     )
     bench.add_argument(
@@ -380,6 +388,8 @@ def _bench(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             "it starts mpiexec itself for each contender"
         )
 
+    if ns.placement:
+        return _bench_placement(ns, parser)
     contenders_only = [
         f"--{k}" for k in ("sizes", "tasks", "contenders", "workloads", "nodes") if getattr(ns, k) is not None
     ]
@@ -418,6 +428,34 @@ def _bench(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         )
         return 1
     return 0
+
+
+def _bench_placement(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from pathlib import Path
+
+    from dask.utils import parse_bytes
+
+    from .bench.placing import NODES, bench_placement
+
+    others = [
+        f"--{k.replace('_', '-')}"
+        for k in ("workers", "tasks", "contenders", "workloads", "overhead", "tiny_tasks")
+        if getattr(ns, k) not in (None, False)
+    ]
+    if others:
+        parser.error(
+            f"{', '.join(others)}: not for --placement (it takes --sizes, --nodes, --out, --scratch)"
+        )
+    try:
+        sizes = [int(parse_bytes(t)) for t in (ns.sizes or "512MiB").split(",") if t.strip()]
+        nodes = [int(t) for t in (ns.nodes or ",".join(map(str, NODES))).split(",") if t.strip()]
+    except ValueError as exc:
+        parser.error(f"--placement takes --sizes like 512MiB and --nodes like 1,2,3,4: {exc}")
+    if len(sizes) != 1 or sizes[0] < 2**20 or not nodes or min(nodes) < 1:
+        parser.error(
+            "--placement takes one size of at least 1MiB (--sizes) and node counts of at least 1 (--nodes)"
+        )
+    return bench_placement(sizes[0], nodes, Path(ns.out), Path(ns.scratch) if ns.scratch else None)
 
 
 def _glue_inputs(argv: list[str]) -> list[str]:

@@ -5,6 +5,10 @@
   (``python -m hpcshare.bench.contenders``);
 - :mod:`.overhead`: ``--overhead``, the job's own costs: start-up and tiny
   tasks, with TLS and without, with an input handle and without;
+- :mod:`.placing`: ``--placement``, placement alone on 1 to 4 emulated nodes,
+  collective against per-node reading (and its program under mpiexec);
+- :mod:`.scaling`: the placement cost model of docs/scaling.md, and its fit
+  to the emulated sweep;
 - :mod:`.sampling`: node memory of a run's process tree, measured from outside;
 - :mod:`.rows`: :class:`BenchRow`, one run's figures;
 - :mod:`.targets`: the project's targets, judged from the rows;
