@@ -271,8 +271,12 @@ class DaskCluster:
         shared_bytes: int,
         local_directory: str | None = None,
         generation: str = "",
+        memory_limit: int | None = None,
     ) -> None:
         self.topo, self.config, self.shared_bytes = topo, config, shared_bytes
+        self.memory_limit = (
+            memory_limit  #: each worker's, from memory.worker_memory_limit (None: worked out here)
+        )
         self.local_directory = local_directory  #: the job's private scratch folder on this host
         self.generation = generation  #: names the job's put objects (hpcshare.put)
 
@@ -332,7 +336,9 @@ class DaskCluster:
                     protocol="tls" if self.config.tls else "tcp",
                     nthreads=self.config.nthreads,
                     local_directory=self.local_directory,
-                    memory_limit=worker_memory_limit(self.topo, self.config, self.shared_bytes),
+                    memory_limit=self.memory_limit
+                    if self.memory_limit is not None
+                    else worker_memory_limit(self.topo, self.config, self.shared_bytes),
                     dashboard_address=self.config.dashboard_address,
                     worker_options=self._worker_options(),
                 )

@@ -109,28 +109,62 @@ def job_memory_total(environ: Mapping[str, str] | None = None) -> int:
     return job_memory(environ)[0]
 
 
+OTHERS_GROWTH = 1.5  #: the scheduler's and client's private memory before Dask starts, times this
+PER_RANK = 8 * MIB  #: each rank's supervisor and the host's watcher, per rank
+WORKER_FLOOR = 2.0  #: a worker's budget must be at least this many times what it uses before any task
+
+
 def worker_memory_limit(topo: Topology, config: JobConfig, shared: int) -> int:
     """Dask's memory limit for each worker: its private budget (collective on ``topo.host``).
 
-    With ``hpcshare.worker.memory-limit: auto``, the job's memory on this
-    host less the host's shared inputs (``shared`` per node), divided among
-    the host's workers: the private limits and the shared bytes add up to
-    the job's memory. :class:`PrivateMemory` makes Dask compare the limit
-    with private memory only. An explicit limit is taken as it is; 0 means
-    no limit (Dask's convention). Capped at the memory Dask sees, which it
-    would use instead, with a warning on every worker.
+    With ``hpcshare.worker.memory-limit: auto``: the job's memory on this
+    host, less the host's shared inputs (``shared`` per node), less what the
+    host's other processes need (the scheduler's and the client's private
+    memory now, times 1.5, and 8 MiB a rank for the supervisors and the
+    watcher), divided among the host's workers. So the workers' limits, the
+    shared bytes and the other processes add up to the job's memory.
+    :class:`PrivateMemory` makes Dask compare the limit with private memory
+    only. An explicit limit is taken as it is; 0 means no limit (Dask's
+    convention). Capped at the memory Dask sees, which it would use instead,
+    with a warning on every worker.
+
+    Raises
+    ------
+    CapacityError
+        With ``auto``, when the budget of a worker is less than twice what a
+        worker uses before any task: its workers would pause at once and the
+        job would wait for them forever.
     """
     from distributed.system import MEMORY_LIMIT
+    from mpi4py import MPI
 
-    workers_here = topo.host.allreduce(1 if topo.role == "worker" else 0)
+    is_worker, now = topo.role == "worker", private_memory()
+    workers_here = topo.host.allreduce(1 if is_worker else 0)
     nodes_here = topo.host.allreduce(1 if topo.is_leader else 0)
+    others = topo.host.allreduce(0 if is_worker else int(now * OTHERS_GROWTH))
+    largest_worker = topo.host.allreduce(now if is_worker else 0, op=MPI.MAX)
     if config.memory_limit == 0:
         return 0
     if config.memory_limit is not None:
-        private = config.memory_limit
-    else:
-        private = max(job_memory_total() - shared * nodes_here, 0) // max(workers_here, 1)
-    return max(min(private, int(MEMORY_LIMIT)), 1)  # 0 would mean no limit at all
+        return max(min(config.memory_limit, int(MEMORY_LIMIT)), 1)
+    total, source = job_memory()
+    reserve = others + PER_RANK * topo.host.Get_size()
+    private = (total - shared * nodes_here - reserve) // max(workers_here, 1)
+    need = int(WORKER_FLOOR * largest_worker)
+    if workers_here and private < need:
+        from dask.utils import format_bytes
+
+        from .errors import CapacityError
+
+        raise CapacityError(
+            f"the inputs ({format_bytes(shared * nodes_here)} on this host) and the scheduler, client "
+            f"and supervisors ({format_bytes(reserve)}) leave each of the {workers_here} worker(s) on "
+            f"this host {format_bytes(max(private, 0))} of the job's {format_bytes(total)} ({source}); "
+            f"a worker needs at least {format_bytes(need)} (twice the {format_bytes(largest_worker)} it "
+            "uses before any task). Ask for more memory per node, run fewer ranks per node, or use "
+            "smaller inputs; or set a worker limit yourself (--memory-limit, hpcshare.worker.memory-limit)."
+        )
+    return max(min(private, int(MEMORY_LIMIT)), 1)
 
 
 def private_memory() -> int:

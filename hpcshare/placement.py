@@ -23,7 +23,7 @@ import dataclasses
 import os
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from dask.system import CPU_COUNT
@@ -314,6 +314,13 @@ def _write_once(
         src.fill(meta, win.bytes())
 
 
+def _waiting(topo: Topology, config: JobConfig, state: Callable[[], str]) -> Callable[[float], None] | None:
+    """On world rank 0 (unless quiet), a progress line about once a second while it waits for the others."""
+    if topo.rank != 0 or config.quiet:
+        return None
+    return lambda seconds: logger.info(f"placing: {state()} ({seconds:.0f} s)")
+
+
 def _rchar() -> int:
     """Bytes this process has read with read(2)-like calls so far (``/proc/self/io`` rchar; 0 if unknown)."""
     try:
@@ -358,7 +365,12 @@ def _fill(p: _Placing) -> None:
     topo, sources, metas, windows, config, clock, readers = p.unpack()
     if any(isinstance(src, Hdf5Source) for src in sources):
         import h5py  # noqa: F401  (imported before counting: its files are not the inputs' bytes)
-    with sync.Collective(topo.world, timeout=config.placement_timeout):
+    waiting = _waiting(
+        topo,
+        config,
+        lambda: f"this rank has read its part ({format_bytes(clock.file_bytes)}); waiting for the others",
+    )
+    with sync.Collective(topo.world, timeout=config.placement_timeout, on_wait=waiting):
         before = _rchar()
         for src, meta, win in zip(sources, metas, windows, strict=True):
             try:
@@ -443,7 +455,16 @@ def _publish(p: _Placing) -> None:
     """Step 5: function sources, and with collective reading every node's share, to the other nodes;
     every rank's writes visible (collective on world)."""
     topo, sources, metas, windows, config, clock, readers = p.unpack()
-    with sync.Collective(topo.world, timeout=config.placement_timeout):  # copies between nodes
+    waiting = _waiting(
+        topo,
+        config,
+        lambda: (
+            f"this node has its copy ({format_bytes(clock.exchanged)} received); waiting for the other nodes"
+        ),
+    )
+    with sync.Collective(
+        topo.world, timeout=config.placement_timeout, on_wait=waiting
+    ):  # copies between nodes
         for src, meta, win in zip(sources, metas, windows, strict=True):
             what = f"exchanging {src.name!r} between nodes"
             if not src.parallel:

@@ -26,6 +26,7 @@ from .handles import Handle
 from .importing import MainFunction, load_main
 from .loaders import Source, TableSource, source_for, table_source_for
 from .log import install_handler
+from .memory import worker_memory_limit
 from .placement import PlacementStats, place_inputs
 from .report import print_report
 from .topology import CLIENT_RANK, Topology, check_world
@@ -247,8 +248,15 @@ def run(
                 on_placed(placement.stats)
         exchange = stack.enter_context(Exchange(topo, config, generation))  # hpcshare.put from here on
         handles = {**placement.handles, **_place_tables(topo, exchange, tables, config)}
+        with sync.Collective(world, timeout=config.timeout):  # a budget too small for a worker fails here
+            memory_limit = worker_memory_limit(topo, config, placement.nbytes)
         with DaskCluster(
-            topo, config, placement.nbytes, local_directory=scratch, generation=generation
+            topo,
+            config,
+            placement.nbytes,
+            local_directory=scratch,
+            generation=generation,
+            memory_limit=memory_limit,
         ) as cluster:
             result, error = cluster.run(job, handles)
         with collective_phase():  # the report measures collectively

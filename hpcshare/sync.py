@@ -11,6 +11,7 @@ from __future__ import annotations
 import pickle
 import sys
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .errors import HpcshareError
@@ -28,8 +29,17 @@ class WaitTimeout(HpcshareError, TimeoutError):
     """A bounded wait ran out of time."""
 
 
-def wait(request: MPI.Request, *, timeout: float | None = None, what: str = "the other ranks") -> None:
+def wait(
+    request: MPI.Request,
+    *,
+    timeout: float | None = None,
+    what: str = "the other ranks",
+    on_wait: Callable[[float], Any] | None = None,
+) -> None:
     """Wait for ``request`` without spinning the CPU (local).
+
+    ``on_wait(seconds)`` is called about once a second while the wait lasts
+    (progress lines).
 
     Raises
     ------
@@ -37,17 +47,28 @@ def wait(request: MPI.Request, *, timeout: float | None = None, what: str = "the
         When ``timeout`` seconds pass first.
     """
     sleep = _MIN_SLEEP
-    deadline = None if timeout is None else time.monotonic() + timeout
+    start = tick = time.monotonic()
+    deadline = None if timeout is None else start + timeout
     while not request.Test():
-        if deadline is not None and time.monotonic() > deadline:
+        now = time.monotonic()
+        if deadline is not None and now > deadline:
             raise WaitTimeout(f"waited {timeout:g} s for {what} and gave up")
+        if on_wait is not None and now - tick >= 1.0:
+            tick = now
+            on_wait(now - start)
         time.sleep(sleep)
         sleep = min(sleep * 2, _MAX_SLEEP)
 
 
-def barrier(comm: MPI.Comm, *, timeout: float | None = None, what: str = "the other ranks") -> None:
+def barrier(
+    comm: MPI.Comm,
+    *,
+    timeout: float | None = None,
+    what: str = "the other ranks",
+    on_wait: Callable[[float], Any] | None = None,
+) -> None:
     """Idle barrier (collective on ``comm``)."""
-    wait(comm.Ibarrier(), timeout=timeout, what=what)
+    wait(comm.Ibarrier(), timeout=timeout, what=what, on_wait=on_wait)
 
 
 def bcast(comm: MPI.Comm, obj: Any = None, root: int = 0) -> Any:
@@ -76,7 +97,12 @@ def configured_timeout() -> float:
         return 120.0
 
 
-def agree(comm: MPI.Comm, error: BaseException | None, timeout: float | None = None) -> None:
+def agree(
+    comm: MPI.Comm,
+    error: BaseException | None,
+    timeout: float | None = None,
+    on_wait: Callable[[float], Any] | None = None,
+) -> None:
     """Raise the same error on every rank if any rank had one (collective).
 
     The rank that had the error (the lowest, if several) re-raises its own
@@ -87,7 +113,7 @@ def agree(comm: MPI.Comm, error: BaseException | None, timeout: float | None = N
     """
     limit = configured_timeout() if timeout is None else timeout
     try:
-        barrier(comm, timeout=limit, what="the other ranks to finish this step")
+        barrier(comm, timeout=limit, what="the other ranks to finish this step", on_wait=on_wait)
     except WaitTimeout as exc:
         _give_up(exc, error)
     report = None if error is None else _portable(error)
@@ -143,12 +169,14 @@ class Collective:
     slowest rank (default ``hpcshare.timeout``).
     """
 
-    def __init__(self, comm: MPI.Comm, timeout: float | None = None) -> None:
-        self.comm, self.timeout = comm, timeout
+    def __init__(
+        self, comm: MPI.Comm, timeout: float | None = None, on_wait: Callable[[float], Any] | None = None
+    ) -> None:
+        self.comm, self.timeout, self.on_wait = comm, timeout, on_wait
 
     def __enter__(self) -> Collective:
         return self
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
-        agree(self.comm, exc, self.timeout)
+        agree(self.comm, exc, self.timeout, self.on_wait)
         return True

@@ -174,21 +174,18 @@ def test_bad_bench_arguments_are_refused(args):
 @pytest.mark.usefixtures("clean_shm")
 def test_the_placement_sweep_counts_the_bytes_each_way_of_reading_reads(tmp_path):
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "hpcshare", "bench", "--placement", "--sizes", "8MiB", "--nodes", "1,2"]
+    cmd = [sys.executable, "-m", "hpcshare", "bench", "--placement", "--sizes", "8MiB", "--nodes", "1,2,3"]
     run = run_cmd([*cmd, "--out", str(out)], timeout=300)
     assert run.returncode == 0, run
     rows = {(r["format"], r["nodes"], r["mode"]): r for r in json.loads((out / "placement.json").read_text())}
-    assert set(rows) == {
-        (f, n, m)
-        for f in ("npy", "h5-gzip")
-        for n, m in ((1, "collective"), (2, "collective"), (2, "per-node"))
-    }
+    runs = ((1, "collective"), (2, "collective"), (2, "per-node"), (3, "collective"), (3, "per-node"))
+    assert set(rows) == {(f, n, m) for f in ("npy", "h5-gzip") for n, m in runs}
     for (_, nodes, mode), r in rows.items():
         assert r["status"] == "ok" and r["nbytes"] == 8 * 2**20, r
         copies = nodes if mode == "per-node" else 1
         assert r["counted"] == copies * r["nbytes"], r  # the bytes the reads asked for
         assert copies * 0.95 <= r["rchar"] / r["file_size"] <= copies * 1.1, r  # what the kernel counted
-        assert r["exchanged"] == (r["nbytes"] if (nodes, mode) == (2, "collective") else 0), r
+        assert r["exchanged"] == ((nodes - 1) * r["nbytes"] if mode == "collective" else 0), r
     assert rows[("h5-gzip", 1, "collective")]["file_size"] < 8 * 2**20 / 2  # compressed
     text = (out / "placement.txt").read_text()
     assert "target: npy: bytes read per job <= 1.1x the file at every node count: met" in text, text

@@ -11,6 +11,8 @@ MIB = 2**20
 
 # a Slurm allocation of --mem-per-cpu=640 on 2 CPUs: 1280 MiB for the whole job on this node
 SLURM_BUDGET = {"SLURM_MEM_PER_CPU": "640", "SLURM_CPUS_ON_NODE": "2"}
+# --mem-per-cpu=1024 on 2 CPUs: 2 GiB
+SLURM_2GIB = {"SLURM_MEM_PER_CPU": "1024", "SLURM_CPUS_ON_NODE": "2"}
 
 SOURCE = """
 import numpy as np
@@ -62,19 +64,21 @@ def test_job_memory_is_the_lowest_of_the_machine_the_cgroup_and_slurm():
 
 @pytest.mark.usefixtures("clean_shm")
 def test_workers_reading_an_input_over_70_percent_of_the_job_memory_are_not_paused(tmp_path):
-    """An input of 72% of a Slurm budget, read in full by both workers: RSS far above the
-    limit, private memory well under it; the private limits plus the input fit the budget."""
-    budget = 1280 * MIB
+    """An input of 72% of a 2 GiB Slurm budget, read in full by both workers: RSS far above the
+    limit, private memory well under it; the limits, the input and the scheduler's and client's
+    memory fit the budget."""
+    budget = 2048 * MIB
     n = int(0.72 * budget) // 8
     (tmp_path / "src.py").write_text(SOURCE.format(n=n))
     (tmp_path / "job.py").write_text(JOB)
-    env = {**SLURM_BUDGET, "DASK_HPCSHARE__DASK_LOG_LEVEL": "warning"}
+    env = {**SLURM_2GIB, "DASK_HPCSHARE__DASK_LOG_LEVEL": "warning"}
     run = hpcshare(4, "job", str(tmp_path / "job.py"), "-i", f"x={tmp_path / 'src.py'}:make", env=env)
     assert run.returncode == 0, run
     workers = json.loads(run.stdout.split("STATE ", 1)[1].splitlines()[0])
     assert len(workers) == 2, run
     shared = n * 8
-    assert sum(w["limit"] for w in workers) + shared <= budget, workers
+    # room is left for the scheduler and the client: at least 100 MiB each
+    assert sum(w["limit"] for w in workers) + shared + 200 * MIB <= budget, workers
     for w in workers:
         assert w["status"] == "running", workers
         assert w["rss"] > w["limit"] + shared // 2, workers  # Dask's RSS would have paused it
@@ -82,6 +86,20 @@ def test_workers_reading_an_input_over_70_percent_of_the_job_memory_are_not_paus
     # Dask says nothing about memory: no ignored limit, no unmanaged memory, no pause
     for noise in ("Ignoring provided memory limit", "Unmanaged memory", "Pausing worker", "memory usage"):
         assert noise not in run.stderr, run
+
+
+@pytest.mark.usefixtures("clean_shm")
+def test_an_input_that_leaves_the_workers_too_little_is_refused_before_dask_starts(tmp_path):
+    """1240 MiB of a 1280 MiB budget: it fits, but every worker would pause at once, for ever."""
+    (tmp_path / "src.py").write_text(SOURCE.format(n=(1240 * MIB) // 8))
+    (tmp_path / "job.py").write_text("def main(client, inputs):\n    pass\n")
+    args = ("job", str(tmp_path / "job.py"), "-i", f"x={tmp_path / 'src.py'}:make")
+    run = hpcshare(4, *args, env=SLURM_BUDGET, timeout=90)
+    assert run.returncode != 0, run
+    assert "leave each of the 2 worker(s) on this host" in run.stderr, run
+    assert "a worker needs at least" in run.stderr and "--mem-per-cpu (640 MiB) x 2 CPUs" in run.stderr, run
+    assert run.stderr.count("error:") == 1, run
+    assert run.seconds < 60, run
 
 
 @pytest.mark.usefixtures("clean_shm")

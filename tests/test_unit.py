@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import time
 
 import dask
 import numpy as np
@@ -179,3 +180,18 @@ def test_an_input_name_starting_with_a_dash_is_not_taken_for_an_option():
 
     ns = _parser().parse_args(_glue_inputs(["job", "--input", "-x=a.npy", "-i", "y=b.npy"]))
     assert ns.inputs == [("-x", "a.npy"), ("y", "b.npy")]
+
+
+def test_an_idle_wait_reports_about_once_a_second_while_it_lasts():
+    from hpcshare import sync
+
+    class Request:  # done after 2.5 s, like a barrier the other ranks reach late
+        def __init__(self):
+            self.done_at = time.monotonic() + 2.5
+
+        def Test(self):  # noqa: N802 (MPI.Request.Test)
+            return time.monotonic() >= self.done_at
+
+    ticks: list[float] = []
+    sync.wait(Request(), timeout=10, on_wait=ticks.append)  # type: ignore[arg-type]
+    assert len(ticks) == 2 and 1.0 <= ticks[0] < 1.5 and 2.0 <= ticks[1] < 2.5, ticks
