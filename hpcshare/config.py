@@ -130,7 +130,10 @@ class JobConfig:
             )
         read = str(raw["read"]).lower()
         if read not in READ_MODES:
-            raise ConfigError(f"read must be {' or '.join(READ_MODES)}, got {raw['read']!r}")
+            raise ConfigError(
+                f"read must be {' or '.join(READ_MODES)}, got {raw['read']!r} "
+                "(--read, config key hpcshare.read, environment DASK_HPCSHARE__READ)"
+            )
         return cls(
             read=read,
             ranks_per_node=None if rpn is None else positive_int("ranks_per_node", rpn),

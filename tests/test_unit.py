@@ -79,6 +79,7 @@ def test_config_defaults_and_overrides():
         ({"readers": "many"}, "readers"),
         ({"memory_limit": "lots"}, "memory_limit"),
         ({"rank_per_node": 2}, "unknown option"),
+        ({"read": "pernode"}, "DASK_HPCSHARE__READ"),
     ],
 )
 def test_bad_config_is_named(options, words):
