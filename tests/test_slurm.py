@@ -133,7 +133,8 @@ def test_multi_node_template_holds_one_copy_on_each_of_two_nodes(slurm, inputs):
 
 def test_workers_private_limits_and_the_inputs_fit_the_slurm_allocation(slurm, inputs):
     """sbatch --mem=9000 (given as SBATCH_MEM_PER_NODE, over the template's --mem): the
-    four workers' limits plus the node's inputs stay within the 9000 MiB allocation."""
+    four workers' limits plus the node's inputs stay within the 9000 MiB allocation, with room
+    left for the scheduler and the client."""
     (inputs / "limits.py").write_text(
         "def limit(dask_worker):\n    return dask_worker.memory_manager.memory_limit\n"
         "def main(client, inputs):\n    print('limits', sorted(client.run(limit).values()))\n"
@@ -153,7 +154,8 @@ def test_workers_private_limits_and_the_inputs_fit_the_slurm_allocation(slurm, i
     shared = 8 * 2**20 + 512 * 1024 * 4
     assert len(limits) == 4 and len(set(limits)) == 1, job
     assert sum(limits) + shared <= 9000 * 2**20, job
-    assert sum(limits) + shared > 8900 * 2**20, job  # the whole allocation, not the machine's memory
+    # the allocation less the scheduler's and client's room (a few hundred MiB), not the machine's memory
+    assert sum(limits) + shared > 8000 * 2**20, job
 
 
 def test_python_api_template(slurm, tmp_path):
