@@ -423,6 +423,10 @@ def source_for(name: str, text: Any) -> Source:
         raise InputError(
             f"input {name!r}: {text!r} names an HDF5 file but no dataset; write {text}:/path/to/dataset"
         )
+    if colon and rest and path.lower().endswith(HDF5_SUFFIXES):  # d.h5:group/x
+        raise InputError(
+            f"input {name!r}: the dataset of {text!r} must be an absolute path in the file; write {path}:/{rest}"
+        )
     if text.lower().endswith(".npy"):
         return NpySource(name, text, text)
     if colon and path and rest.isidentifier():

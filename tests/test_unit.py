@@ -42,6 +42,7 @@ def test_hdf5_path_and_dataset_are_split_at_the_last_colon():
     "spec, words",
     [
         (("x", "data.h5"), "no dataset"),
+        (("x", "run:1/data.h5:group/x"), "absolute path in the file; write run:1/data.h5:/group/x"),
         (("x", "data.csv"), "cannot tell"),
         (("bad name", "data.npy"), "not valid"),
         (("x", ""), "non-empty string"),
