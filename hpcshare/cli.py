@@ -435,6 +435,7 @@ def _bench_placement(ns: argparse.Namespace, parser: argparse.ArgumentParser) ->
 
     from dask.utils import parse_bytes
 
+    from .bench.driver import parse_list
     from .bench.placing import NODES, bench_placement
 
     others = [
@@ -447,8 +448,8 @@ def _bench_placement(ns: argparse.Namespace, parser: argparse.ArgumentParser) ->
             f"{', '.join(others)}: not for --placement (it takes --sizes, --nodes, --out, --scratch)"
         )
     try:
-        sizes = [int(parse_bytes(t)) for t in (ns.sizes or "512MiB").split(",") if t.strip()]
-        nodes = [int(t) for t in (ns.nodes or ",".join(map(str, NODES))).split(",") if t.strip()]
+        sizes = parse_list(ns.sizes or "512MiB", lambda t: int(parse_bytes(t)))
+        nodes = parse_list(ns.nodes or ",".join(map(str, NODES)), int)
     except ValueError as exc:
         parser.error(f"--placement takes --sizes like 512MiB and --nodes like 1,2,3,4: {exc}")
     if len(sizes) != 1 or sizes[0] < 2**20 or not nodes or min(nodes) < 1:

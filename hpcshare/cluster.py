@@ -28,7 +28,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from . import store, sync
 from .errors import HpcshareError, JobFailed
 from .handles import Handle, registered_views
-from .memory import PrivateMemory, worker_memory_limit
+from .memory import PrivateMemory
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -268,15 +268,12 @@ class DaskCluster:
         self,
         topo: Topology,
         config: JobConfig,
-        shared_bytes: int,
+        memory_limit: int,
         local_directory: str | None = None,
         generation: str = "",
-        memory_limit: int | None = None,
     ) -> None:
-        self.topo, self.config, self.shared_bytes = topo, config, shared_bytes
-        self.memory_limit = (
-            memory_limit  #: each worker's, from memory.worker_memory_limit (None: worked out here)
-        )
+        self.topo, self.config = topo, config
+        self.memory_limit = memory_limit  #: each worker's, from memory.worker_memory_limit
         self.local_directory = local_directory  #: the job's private scratch folder on this host
         self.generation = generation  #: names the job's put objects (hpcshare.put)
 
@@ -336,9 +333,7 @@ class DaskCluster:
                     protocol="tls" if self.config.tls else "tcp",
                     nthreads=self.config.nthreads,
                     local_directory=self.local_directory,
-                    memory_limit=self.memory_limit
-                    if self.memory_limit is not None
-                    else worker_memory_limit(self.topo, self.config, self.shared_bytes),
+                    memory_limit=self.memory_limit,
                     dashboard_address=self.config.dashboard_address,
                     worker_options=self._worker_options(),
                 )

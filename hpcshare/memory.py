@@ -37,7 +37,6 @@ if TYPE_CHECKING:
 __all__ = [
     "PrivateMemory",
     "job_memory",
-    "job_memory_total",
     "node_memory_total",
     "private_memory",
     "worker_memory_limit",
@@ -102,11 +101,6 @@ def job_memory(environ: Mapping[str, str] | None = None) -> tuple[int, str]:
     if per_cpu and cpus:
         limits.append((per_cpu * cpus * MIB, f"Slurm's --mem-per-cpu ({per_cpu} MiB) x {cpus} CPUs"))
     return min(limits, key=lambda limit: limit[0])
-
-
-def job_memory_total(environ: Mapping[str, str] | None = None) -> int:
-    """Memory the job may use on this machine, in bytes (local); see :func:`job_memory`."""
-    return job_memory(environ)[0]
 
 
 OTHERS_GROWTH = 1.5  #: the scheduler's and client's private memory before Dask starts, times this

@@ -251,12 +251,7 @@ def run(
         with sync.Collective(world, timeout=config.timeout):  # a budget too small for a worker fails here
             memory_limit = worker_memory_limit(topo, config, placement.nbytes)
         with DaskCluster(
-            topo,
-            config,
-            placement.nbytes,
-            local_directory=scratch,
-            generation=generation,
-            memory_limit=memory_limit,
+            topo, config, memory_limit, local_directory=scratch, generation=generation
         ) as cluster:
             result, error = cluster.run(job, handles)
         with collective_phase():  # the report measures collectively

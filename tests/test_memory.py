@@ -50,7 +50,10 @@ def main(client, inputs):
 
 
 def test_job_memory_is_the_lowest_of_the_machine_the_cgroup_and_slurm():
-    from hpcshare.memory import job_memory, job_memory_total
+    from hpcshare.memory import job_memory
+
+    def job_memory_total(env):
+        return job_memory(env)[0]
 
     assert job_memory_total({"SLURM_MEM_PER_NODE": "1024"}) == 2**30  # sbatch --mem=1G
     assert job_memory_total({"SLURM_MEM_PER_NODE": "0"}) == job_memory_total({})  # --mem=0: the whole node

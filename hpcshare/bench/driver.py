@@ -189,13 +189,26 @@ def make_inputs(folder: Path, nbytes: int) -> tuple[Path, Path]:
             ds[a : a + piece.size] = piece
     out.flush()
     del out
-    for path in (npy, h5):  # on disk before any contender reads them, as a real input is
+    sync_to_disk(npy, h5)
+    return npy, h5
+
+
+def sync_to_disk(*paths: Path) -> None:
+    """Flush files to disk before any contender reads them, as a real input is (local)."""
+    for path in paths:
         fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
-    return npy, h5
+
+
+def find_mpiexec() -> str:
+    """The mpiexec beside this Python (the MPI extra's), else on PATH (local)."""
+    mpiexec = shutil.which("mpiexec", path=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    if mpiexec is None:
+        raise FileNotFoundError("mpiexec not found: install the mpich extra or load your site MPI")
+    return mpiexec
 
 
 def memory_needed(contender: str, nbytes: int, workers: int, nodes: int = 1) -> int:
@@ -226,12 +239,7 @@ def memory_needed(contender: str, nbytes: int, workers: int, nodes: int = 1) -> 
 def _command(contender: str, workers: int) -> list[str]:
     job = [sys.executable, "-m", "hpcshare.bench.contenders", contender]
     if contender in MPI_CONTENDERS or contender == "mpi-transfer":
-        mpiexec = shutil.which(
-            "mpiexec", path=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]
-        )
-        if mpiexec is None:
-            raise FileNotFoundError("mpiexec not found: install the mpich extra or load your site MPI")
-        return [mpiexec, "-n", str(workers + 2), *job]
+        return [find_mpiexec(), "-n", str(workers + 2), *job]
     return job
 
 

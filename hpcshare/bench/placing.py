@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 import time
@@ -69,6 +68,8 @@ def make_files(folder: Path, nbytes: int) -> dict[str, tuple[str, int]]:
     """A .npy file and a gzip-chunked HDF5 dataset of ``nbytes``: source text and file size (local)."""
     import h5py
 
+    from .driver import sync_to_disk
+
     rows = max(nbytes // (8 * 1024), 1)
     npy, h5 = folder / f"place-{nbytes}.npy", folder / f"place-{nbytes}.h5"
     out = np.lib.format.open_memmap(npy, mode="w+", dtype=np.float64, shape=(rows, 1024))
@@ -84,32 +85,18 @@ def make_files(folder: Path, nbytes: int) -> dict[str, tuple[str, int]]:
             ds[a:b] = block
     out.flush()
     del out
-    for path in (npy, h5):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    sync_to_disk(npy, h5)
     return {"npy": (str(npy), npy.stat().st_size), "h5-gzip": (f"{h5}:/data/x", h5.stat().st_size)}
-
-
-def _mpiexec() -> str:
-    import shutil
-
-    exe = shutil.which(
-        "mpiexec", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
-    )
-    if exe is None:
-        raise RuntimeError("mpiexec not found: install the MPI extra (pip install 'hpcshare[mpich]')")
-    return exe
 
 
 def run_one(
     source: str, file_size: int, fmt: str, nodes: int, mode: str, out: Path, timeout: float
 ) -> PlacementRow:
     """One placement under mpiexec; its row (local)."""
+    from .driver import find_mpiexec
+
     result = out / f"placing-{fmt}-{nodes}-{mode}.json"
-    cmd = [_mpiexec(), "-n", str(nodes * RANKS_PER_NODE), sys.executable, "-m", "hpcshare.bench.placing"]
+    cmd = [find_mpiexec(), "-n", str(nodes * RANKS_PER_NODE), sys.executable, "-m", "hpcshare.bench.placing"]
     cmd += [source, "--read", mode, "--out", str(result)]
     try:
         run = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, start_new_session=True)
