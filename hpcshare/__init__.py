@@ -23,6 +23,7 @@ from .errors import (
     JobFailed,
     ResolveError,
     TopologyError,
+    WaitTimeout,
 )
 from .handles import ArrayHandle, Handle, ObjectHandle
 from .loaders import Fill
@@ -41,6 +42,7 @@ __all__ = [
     "ObjectHandle",
     "ResolveError",
     "TopologyError",
+    "WaitTimeout",
     "__version__",
     "dask_array",
     "free",

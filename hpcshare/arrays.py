@@ -17,6 +17,7 @@ import numpy as np
 from numpy.lib.array_utils import byte_bounds as _byte_bounds
 
 from .handles import ArrayHandle
+from .layout import dtype_from_text, dtype_text
 
 if TYPE_CHECKING:
     import dask.array as da
@@ -51,7 +52,7 @@ def _ref_for(arr: np.ndarray, handle: ArrayHandle) -> _Ref | None:
     lo_b, hi_b = _byte_bounds(arr)
     if arr.size == 0 or lo_b < lo or hi_b > lo + base.nbytes:
         return None
-    descr = arr.dtype.str if arr.dtype.fields is None else np.lib.format.dtype_to_descr(arr.dtype)
+    descr = dtype_text(arr.dtype)
     return (handle, addr - lo, arr.shape, arr.strides, descr)
 
 
@@ -59,7 +60,7 @@ def _from_ref(
     handle: ArrayHandle, offset: int, shape: tuple[int, ...], strides: tuple[int, ...], descr: Any
 ) -> SharedChunk:
     """Rebuild a referenced view on this node's copy (local)."""
-    dtype = np.lib.format.descr_to_dtype(descr)
+    dtype = dtype_from_text(descr)
     view = np.ndarray(shape, dtype, buffer=_window_bytes(handle), offset=offset, strides=strides)
     chunk = view.view(SharedChunk)
     chunk._hpcshare_ref = (handle, offset, shape, strides, descr)

@@ -13,8 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from . import __version__
-from .bench.driver import ALL_CONTENDERS
-from .bench.overhead import TINY_TASKS
+from .bench.names import ALL_CONTENDERS, TINY_TASKS
 from .config import positive_int, size_in_bytes
 from .demo import DEFAULT_SIZE, DEFAULT_TASKS
 from .errors import ConfigError
@@ -277,9 +276,6 @@ def parse_job(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> JobArg
     )
 
 
-_stopping = False  # a stop signal is being handled
-
-
 def _interrupted(signum: int, frame: Any) -> None:
     """Ctrl-C (SIGINT) or scancel and time limits (SIGTERM): stop the whole job at once.
 
@@ -287,17 +283,17 @@ def _interrupted(signum: int, frame: Any) -> None:
     system may kill all of the job's processes (the /dev/shm watcher too)
     before the abort has reached the other nodes.
     """
-    from . import runtime, shm, supervise
+    from . import ending, shm, supervise
+    from .context import PROCESS
 
-    global _stopping
-    if _stopping:  # the same signal again: from the launcher and from the supervisor, or Ctrl-C twice
+    if PROCESS.stopping:  # the same signal again: from the launcher and from the supervisor, or Ctrl-C twice
         return
-    _stopping = True
+    PROCESS.stopping = True
     shm.unlink_mapped()
-    runtime.remove_scratch()
+    ending.remove_scratch()
     supervise.ending()
     rank = launcher_rank()
-    gone = runtime.launcher_gone()  # killed with no grace: nobody to abort through
+    gone = ending.launcher_gone()  # killed with no grace: nobody to abort through
     # The launcher signals every rank, and the first abort ends them all. Ranks
     # after the first give the lower ones a moment, so one line is printed,
     # yet a rank stuck in C code (Python handlers wait for it) cannot hide it.
@@ -310,7 +306,7 @@ def _interrupted(signum: int, frame: Any) -> None:
         pass
     if gone:  # every rank ends itself
         os._exit(128 + signum)
-    runtime.abort(code=128 + signum)
+    ending.abort(code=128 + signum)
 
 
 def _job(args: JobArgs) -> int:
@@ -324,7 +320,7 @@ def _job(args: JobArgs) -> int:
         return 1
     _supervised()
 
-    from . import runtime, sync
+    from . import ending, runtime, sync
     from .demo import demo_job
 
     inputs: dict[str, Any] = dict(args.inputs)
@@ -340,13 +336,13 @@ def _job(args: JobArgs) -> int:
         if sync.origin_of(exc) is None:
             print(f"hpcshare: error: {exc}", file=sys.stderr, flush=True)
         if not sync.agreed(exc):
-            runtime.abort(code=1)
+            ending.abort(code=1)
         return _failed()
     except Exception as exc:
         if sync.origin_of(exc) is None:
             traceback.print_exc()
         if not sync.agreed(exc):
-            runtime.abort(code=1)
+            ending.abort(code=1)
         return _failed()
     return 0
 

@@ -25,10 +25,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from . import store, sync
+from . import ending, store, sync
 from .errors import HpcshareError, JobFailed
-from .handles import Handle, registered_views
+from .handles import Handle
 from .memory import PrivateMemory
+from .registry import registered_views
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -164,8 +165,6 @@ def _exit_guard(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     except SystemExit as exc:
         from mpi4py import MPI
 
-        from .runtime import abort
-
         key = _task_key(exc)
         rank = MPI.COMM_WORLD.Get_rank()
         print(
@@ -175,7 +174,7 @@ def _exit_guard(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             file=sys.stderr,
             flush=True,
         )
-        abort(code=exc.code if isinstance(exc.code, int) and 0 < exc.code < 256 else 1)
+        ending.abort(code=exc.code if isinstance(exc.code, int) and 0 < exc.code < 256 else 1)
         raise  # not reached
 
 

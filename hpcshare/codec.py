@@ -32,9 +32,9 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from numpy.lib import format as _npformat
 
 from .errors import InputError
+from .layout import dtype_from_text, dtype_text, memory_order
 
 __all__ = ["ALIGN", "Encoded", "Refused", "decode", "describe", "encode"]
 
@@ -128,20 +128,39 @@ def _check_ndarray(a: np.ndarray, where: str) -> None:
         )
 
 
+def _strided_copier(a: np.ndarray) -> Callable[[memoryview, Callable[[int], None]], None]:
+    """Copy a non-contiguous array (a slice, ``np.broadcast_to``) into C order, a block of rows at a time.
+
+    No contiguous copy of it is ever made in this process: the bytes go
+    from the source's strides straight into the destination.
+    """
+
+    def write(dest: memoryview, done: Callable[[int], None]) -> None:
+        out = np.ndarray(a.shape, a.dtype, buffer=dest)
+        row = a.nbytes // a.shape[0]
+        step = max(1, COPY_STEP // max(row, 1))
+        for i in range(0, a.shape[0], step):
+            np.copyto(out[i : i + step], a[i : i + step])
+            done(min(i + step, a.shape[0]) * row)
+
+    return write
+
+
 def _encode_ndarray(a: np.ndarray) -> Encoded:
     _check_ndarray(a, f"array of shape {a.shape}")
-    order = "F" if a.flags.f_contiguous and not a.flags.c_contiguous else "C"
-    if not (a.flags.c_contiguous or a.flags.f_contiguous):
-        a = np.ascontiguousarray(a)  # other layouts are made contiguous once, here
-    flat = a.ravel(order="A").view(np.uint8) if a.size else np.empty(0, np.uint8)  # no copy
-    descr = a.dtype.str if a.dtype.fields is None else _npformat.dtype_to_descr(a.dtype)
-    meta = {"shape": a.shape, "dtype": descr, "order": order}
-    return _build("ndarray", meta, [flat.nbytes], [_copier(flat.data)], f"{a.dtype} array {a.shape}")
+    order = memory_order(a)
+    if a.flags.c_contiguous or a.flags.f_contiguous:
+        flat = a.ravel(order="A").view(np.uint8) if a.size else np.empty(0, np.uint8)  # no copy
+        writer = _copier(flat.data)
+    else:  # strided: copied into C order as it is written, never first into a private copy
+        writer = _strided_copier(a)
+    meta = {"shape": a.shape, "dtype": dtype_text(a.dtype), "order": order}
+    return _build("ndarray", meta, [a.nbytes], [writer], f"{a.dtype} array {a.shape}")
 
 
 def _decode_ndarray(header: dict[str, Any], buf: memoryview) -> np.ndarray:
     ((offset, _),) = header["parts"]
-    dtype = _npformat.descr_to_dtype(header["dtype"])
+    dtype = dtype_from_text(header["dtype"])
     out = np.ndarray(header["shape"], dtype, buffer=buf, offset=offset, order=header["order"])
     out.flags.writeable = False
     return out

@@ -15,7 +15,15 @@ from dask.utils import parse_bytes, parse_timedelta
 
 from .errors import ConfigError
 
-__all__ = ["READ_MODES", "JobConfig", "parse_flag", "positive_int", "size_in_bytes"]
+__all__ = [
+    "READ_MODES",
+    "JobConfig",
+    "default_timeout",
+    "parse_flag",
+    "positive_int",
+    "seconds",
+    "size_in_bytes",
+]
 
 _fn = os.path.join(os.path.dirname(__file__), "hpcshare.yaml")
 with open(_fn) as _f:
@@ -73,7 +81,8 @@ def parse_flag(value: Any) -> bool:
     return bool(value)
 
 
-def _seconds(name: str, value: Any) -> float:
+def seconds(name: str, value: Any) -> float:
+    """A positive duration in seconds: 120, "120", "2 minutes" (local; ConfigError otherwise)."""
     try:
         out = float(parse_timedelta(value, default="seconds"))
     except (TypeError, ValueError, KeyError):
@@ -81,6 +90,18 @@ def _seconds(name: str, value: Any) -> float:
     if out <= 0:
         raise ConfigError(f"{name} must be a positive duration such as 120 or '2 minutes', got {value!r}")
     return out
+
+
+def default_timeout() -> float:
+    """``hpcshare.timeout`` in seconds from Dask's config, before a job's config exists (local).
+
+    120 if it is unset or not a duration (the job's own config check then
+    names the bad value).
+    """
+    try:
+        return seconds("timeout", dask.config.get("hpcshare.timeout", 120))
+    except ConfigError:
+        return 120.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,8 +162,8 @@ class JobConfig:
             shm_dir=str(raw["shm_dir"]),
             shm_headroom=size_in_bytes("shm_headroom", raw["shm_headroom"]),
             quiet=parse_flag(raw["quiet"]),
-            timeout=_seconds("timeout", raw["timeout"]),
-            placement_timeout=_seconds("placement_timeout", raw["placement_timeout"]),
+            timeout=seconds("timeout", raw["timeout"]),
+            placement_timeout=seconds("placement_timeout", raw["placement_timeout"]),
             nthreads=positive_int("nthreads", raw["nthreads"]),
             memory_limit=None
             if memory_limit in (None, "auto")

@@ -15,6 +15,7 @@ __all__ = [
     "JobFailed",
     "ResolveError",
     "TopologyError",
+    "WaitTimeout",
 ]
 
 
@@ -57,3 +58,7 @@ class ResolveError(HpcshareError, LookupError):
 
 class JobFailed(HpcshareError, RuntimeError):
     """The job's ``main`` raised on the client rank; its traceback was printed there."""
+
+
+class WaitTimeout(HpcshareError, TimeoutError):
+    """A bounded wait for other ranks ran out of time (``hpcshare.timeout``, ``placement-timeout``)."""

@@ -36,9 +36,10 @@ from typing import TYPE_CHECKING, Any
 
 from dask.utils import format_bytes
 
-from . import codec, shm, store, sync
+from . import codec, context, shm, store, sync
 from .errors import CapacityError, HpcshareError
 from .handles import ArrayHandle, Handle, ObjectHandle
+from .layout import memory_order
 from .log import logger
 
 if TYPE_CHECKING:
@@ -52,22 +53,17 @@ __all__ = ["Exchange", "current"]
 
 _REQUEST, _REPLY, _DATA, _GO = 1, 2, 3, 4  # tags
 _PIECE = 64 * 2**20  # bytes per message: well under MPI's 2**31 count limit
-_MIN_SLEEP, _MAX_SLEEP = 50e-6, 5e-3
-
-_current: Exchange | None = None
 
 
 def current() -> Exchange:
     """This process's exchange (raises outside a running hpcshare job)."""
-    if _current is None:
+    job = context.current()
+    if job is None or job.exchange is None:
         raise HpcshareError(
             "hpcshare.put works only inside a running hpcshare job: in main (the client "
             "rank) or in a task on one of the job's workers."
         )
-    return _current
-
-
-_collective = threading.Event()  # set while this process's main thread is in a collective
+    return job.exchange
 
 
 @contextlib.contextmanager
@@ -88,23 +84,21 @@ def collective_phase() -> Iterator[None]:
 
 def begin_collective_phase() -> None:
     """The main thread is about to run collectives on world (Dask's start-up handshake)."""
-    _collective.set()
+    job = context.current()
+    if job is not None:
+        job.in_collective.set()
 
 
 def end_collective_phase() -> None:
     """The main thread's collectives are over (dask-mpi's last start-up barrier passed)."""
-    _collective.clear()
+    job = context.current()
+    if job is not None:
+        job.in_collective.clear()
 
 
 def _receive(comm: MPI.Comm, source: int, tag: int, timeout: float, what: str) -> Any:
     """Receive a small pickled message, waiting idle, bounded by ``timeout`` (local)."""
-    sleep = _MIN_SLEEP
-    deadline = time.monotonic() + timeout
-    while (message := comm.improbe(source=source, tag=tag)) is None:
-        if time.monotonic() > deadline:
-            raise sync.WaitTimeout(f"waited {timeout:g} s for {what} and gave up")
-        time.sleep(sleep)
-        sleep = min(sleep * 2, _MAX_SLEEP)
+    message = sync.poll(lambda: comm.improbe(source=source, tag=tag), timeout=timeout, what=what)
     return message.recv()
 
 
@@ -131,12 +125,15 @@ class Exchange:
         self.leaders: dict[int, int] = {}  # node -> world rank of its leader
         self.nodes_on_host = 1
         self.threads_ok = True
-        self.joined = store.Joined(config.shm_dir, topo.node_index, generation, owner=topo.is_leader)
+        self.joined = store.Joined(config.shm_dir, topo.node_index, owner=topo.is_leader)
+        job = context.current()
+        if job is None:
+            raise HpcshareError("the put service runs only inside a running hpcshare job (hpcshare.run)")
+        self.job = job
 
     # --- lifecycle ---
 
     def __enter__(self) -> Exchange:
-        global _current
         topo = self.topo
         self.comm = topo.world.Dup()
         placed = self.comm.allgather((topo.node_index, topo.is_leader, topo.hostname))
@@ -146,16 +143,14 @@ class Exchange:
         from mpi4py import MPI
 
         self.threads_ok = MPI.Query_thread() >= MPI.THREAD_MULTIPLE
-        end_collective_phase()  # a job before this one in the process may have ended mid-phase
         if topo.is_leader and self.threads_ok:
             self._thread = threading.Thread(target=self._serve, name="hpcshare-exchange", daemon=True)
             self._thread.start()
-        _current = self
+        self.job.exchange = self
         return self
 
     def __exit__(self, *exc: object) -> None:
-        global _current
-        _current = None
+        self.job.exchange = None
         assert self.comm is not None
         try:  # no put is in flight once every rank is here (bounded: a dead rank does not hang us)
             sync.barrier(self.comm, timeout=self.timeout, what="the other ranks to finish their puts")
@@ -218,8 +213,7 @@ class Exchange:
 
     def _handle(self, name: str, enc: codec.Encoded, obj: Any) -> Handle:
         if enc.kind == "ndarray":
-            order = "F" if obj.flags.f_contiguous and not obj.flags.c_contiguous else "C"
-            return ArrayHandle(name, obj.shape, obj.dtype, order, self.generation, stored=True)
+            return ArrayHandle(name, obj.shape, obj.dtype, memory_order(obj), self.generation, stored=True)
         return ObjectHandle(name, self.generation, enc.kind, enc.nbytes, enc.summary)
 
     def _check_room(self, nbytes: int, what: str) -> None:
@@ -302,18 +296,18 @@ class Exchange:
         from mpi4py import MPI
 
         comm = self.comm_()
-        sleep = _MIN_SLEEP
+        backoff = sync.Backoff()
         status = MPI.Status()
+        in_collective = self.job.in_collective
         while not self._stop.is_set():
-            if _collective.is_set():  # the main thread is in a collective on world: stay out of MPI
-                time.sleep(_MAX_SLEEP)
+            if in_collective.is_set():  # the main thread is in a collective on world: stay out of MPI
+                time.sleep(backoff.LONGEST)
                 continue
             message = comm.improbe(tag=_REQUEST, status=status)
             if message is None:
-                time.sleep(sleep)
-                sleep = min(sleep * 2, _MAX_SLEEP)
+                backoff.sleep()
                 continue
-            sleep = _MIN_SLEEP
+            backoff.reset()
             source = status.Get_source()
             request = message.recv()
             try:

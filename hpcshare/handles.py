@@ -9,69 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import socket
-import threading
 from typing import Any
 
 import numpy as np
 from dask.sizeof import sizeof
-from numpy.lib import format as _npformat
 
+from . import registry, store
 from .errors import ResolveError
+from .layout import dtype_from_text, dtype_text
 
-__all__ = ["ArrayHandle", "Handle", "ObjectHandle", "register", "registered_views", "unregister"]
-
-_lock = threading.Lock()
-# name -> (generation, read-only typed array over the node's window)
-_registry: dict[str, tuple[str, np.ndarray]] = {}
-# name -> (generation, why) of inputs that were placed here and have been freed
-_freed: dict[str, tuple[str, str]] = {}
-_ENDED = "the job that placed it has ended and its shared memory was freed."
-
-
-def register(name: str, generation: str, array: np.ndarray) -> None:
-    """Make ``array`` (made read-only here) what handles of ``name`` and ``generation`` resolve to (local)."""
-    array.flags.writeable = False
-    with _lock:
-        _registry[name] = (generation, array)
-        _freed.pop(name, None)
-
-
-def unregister(name: str, generation: str | None = None, why: str = _ENDED) -> None:
-    """Forget input ``name`` in this process; its handles then say ``why`` (local).
-
-    ``generation`` marks it freed even if this process never resolved it.
-    """
-    with _lock:
-        entry = _registry.pop(name, None)
-        gen = generation if generation is not None else (entry[0] if entry is not None else None)
-        if gen is not None:
-            _freed[name] = (gen, why)
-
-
-def freed_because(name: str, generation: str) -> str | None:
-    """Why ``name`` of ``generation`` was freed in this process, or None (local)."""
-    entry = _freed.get(name)
-    return entry[1] if entry is not None and entry[0] == generation else None
-
-
-def registered_views() -> list[tuple[str, np.ndarray]]:
-    """(name, read-only view) of every input this process holds (local)."""
-    with _lock:
-        return [(name, view) for name, (_, view) in _registry.items()]
-
-
-def _where() -> str:
-    return f"process {os.getpid()} on {socket.gethostname()}"
-
-
-_NOT_IN_A_JOB = (
-    "no hpcshare job placed it in this process. Handles resolve only in the "
-    "ranks of the job that placed them: run tasks on the job's in-process "
-    "workers (no Nanny, no LocalCluster), started by `python -m hpcshare job` "
-    "or hpcshare.run()."
-)
+__all__ = ["ArrayHandle", "Handle", "ObjectHandle"]
 
 
 class Handle:
@@ -130,27 +77,27 @@ class ArrayHandle(Handle):
             job (a Nanny's child, a LocalCluster, a plain Python session), the
             job that placed it has ended, or it was freed (:func:`hpcshare.free`).
         """
-        entry = _registry.get(self.name)
+        entry = registry.lookup(self.name)
         if entry is not None and entry[0] == self.generation:
             return entry[1]
-        if self.stored and entry is None and freed_because(self.name, self.generation) is None:
-            from . import store
-
+        why = registry.freed_because(self.name, self.generation)
+        if self.stored and entry is None and why is None and store.in_a_job():
             return store.attach_array(self)
-        raise ResolveError(self._why_missing(entry))
+        raise ResolveError(self._why_missing(entry, why))
 
-    def _why_missing(self, entry: tuple[str, np.ndarray] | None) -> str:
+    def _why_missing(self, entry: tuple[str, np.ndarray] | None, why: str | None) -> str:
         what = "array" if self.stored else "input"
-        head = f"{what} {self.name!r} (generation {self.generation}) cannot be resolved in {_where()}: "
+        head = (
+            f"{what} {self.name!r} (generation {self.generation}) cannot be resolved in {registry.where()}: "
+        )
         if entry is not None:
             return head + (
                 f"this process holds generation {entry[0]} of that name; the handle comes "
                 "from an earlier job. Use the handles your current job received."
             )
-        why = _freed.get(self.name)
         if why is not None:
-            return head + why[1]
-        return head + _NOT_IN_A_JOB
+            return head + why
+        return head + registry.NOT_IN_A_JOB
 
     def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
         view = self.resolve()
@@ -174,8 +121,10 @@ class ArrayHandle(Handle):
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Compact pickle: a dtype goes as its string (or field list), not as an object.
-        dt = self.dtype.str if self.dtype.fields is None else _npformat.dtype_to_descr(self.dtype)
-        return (_rebuild, (self.name, self.shape, dt, self.order, self.generation, self.stored))
+        return (
+            _rebuild,
+            (self.name, self.shape, dtype_text(self.dtype), self.order, self.generation, self.stored),
+        )
 
     def __dask_tokenize__(self) -> tuple[str, ...]:
         return ("hpcshare.Handle", self.name, self.generation)
@@ -187,7 +136,7 @@ class ArrayHandle(Handle):
 def _rebuild(
     name: str, shape: tuple[int, ...], dt: Any, order: str, generation: str, stored: bool = False
 ) -> ArrayHandle:
-    return ArrayHandle(name, tuple(shape), _npformat.descr_to_dtype(dt), order, generation, stored)
+    return ArrayHandle(name, tuple(shape), dtype_from_text(dt), order, generation, stored)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,8 +164,6 @@ class ObjectHandle(Handle):
             Outside the job's ranks, after the job ended, or after
             :func:`hpcshare.free`.
         """
-        from . import store
-
         return store.attach_object(self)
 
     def __repr__(self) -> str:

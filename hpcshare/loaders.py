@@ -25,6 +25,7 @@ import numpy as np
 
 from .errors import InputError
 from .importing import import_file
+from .layout import memory_order
 
 __all__ = [
     "TABLE_SUFFIXES",
@@ -174,7 +175,7 @@ def _npy_header_via_memmap(name: str, path: str) -> tuple[tuple[int, ...], bool,
             f"input {name!r} ({path}) cannot be placed: {exc}. Store it with a fixed-size dtype."
         ) from None
     try:
-        fortran = bool(mm.flags.f_contiguous and not mm.flags.c_contiguous)
+        fortran = memory_order(mm) == "F"
         return tuple(mm.shape), fortran, mm.dtype, int(mm.offset)
     finally:
         mm._mmap.close()
@@ -364,11 +365,8 @@ class FunctionSource(Source):
         if not isinstance(result, np.ndarray):
             result = self._as_array(result)
         check_dtype(self.name, result.dtype, self.text)
-        order = (
-            "F" if result.ndim > 1 and result.flags.f_contiguous and not result.flags.c_contiguous else "C"
-        )
         self._result = result
-        return ArrayMeta(result.shape, result.dtype, order)
+        return ArrayMeta(result.shape, result.dtype, memory_order(result))
 
     def _as_array(self, result: Any) -> np.ndarray:
         """A function's non-array result as an array, or an error saying what it returned (local).

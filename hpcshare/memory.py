@@ -201,7 +201,14 @@ class PrivateMemory(WorkerPlugin):
         self._puts, self._scanned = 0, -self._RESCAN
 
     def setup(self, worker: Any) -> None:
-        worker.monitor.get_process_memory = self.measure
+        self._monitor = worker.monitor
+        self._monitor.get_process_memory = self.measure  # an instance attribute over the class's method
+
+    def teardown(self, worker: Any) -> None:
+        """Dask's own measure again (the plugin is removed, or the worker closes)."""
+        monitor = getattr(self, "_monitor", None)
+        if monitor is not None and monitor.__dict__.get("get_process_memory") == self.measure:
+            del monitor.get_process_memory
 
     def measure(self) -> int:
         now = time.monotonic()

@@ -31,10 +31,11 @@ from dask.utils import format_bytes, format_time
 
 from . import sync
 from .errors import CapacityError, HpcshareError, InputError
-from .handles import ArrayHandle, register, unregister
+from .handles import ArrayHandle
 from .loaders import ArrayMeta, Hdf5Source, Source
 from .log import logger
 from .memory import job_memory
+from .registry import register, unregister
 from .shm import check_capacity
 from .windows import NodeWindow
 

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
+import shutil
 import sys
+import tempfile
 import uuid
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from . import shm, store, supervise, sync
+from . import context, ending, shm, store, sync
 from .cluster import DaskCluster
 from .config import JobConfig
 from .errors import ConfigError
@@ -34,48 +35,10 @@ from .topology import CLIENT_RANK, Topology, check_world
 if TYPE_CHECKING:
     from mpi4py import MPI
 
-__all__ = ["abort", "run"]
+__all__ = ["run"]
 
 
-def abort(comm: MPI.Comm | None = None, code: int = 1) -> None:
-    """End the whole MPI job now with ``code`` (local; does not return).
-
-    Named shared-memory files this process maps are unlinked first, since
-    ranks killed by an abort cannot remove them (MPICH leaves its
-    ``mpich_shm_*`` segment behind otherwise). Other ranks keep their
-    mappings until they exit.
-    """
-    shm.unlink_mapped()
-    remove_scratch()
-    supervise.ending()  # this rank's end is hpcshare's doing: its supervisor stays quiet
-    sys.stdout.flush()
-    sys.stderr.flush()
-    from mpi4py import MPI
-
-    (comm or MPI.COMM_WORLD).Abort(code)
-
-
-_launcher: int | None = None  # the parent process (the launcher's proxy) when the job started
-
-
-def launcher_gone() -> bool:
-    """Whether the process that started this rank has died (local): MPI_Abort would hang then."""
-    return _launcher is not None and os.getppid() != _launcher
-
-
-_scratch: str | None = None  # this job's scratch folder on this host
-
-
-def remove_scratch() -> None:
-    """Remove this job's scratch folder on this host (local, idempotent): before an abort or on SIGTERM,
-    when the batch system may kill the watcher too."""
-    import shutil
-
-    if _scratch is not None:
-        shutil.rmtree(_scratch, ignore_errors=True)
-
-
-def _scratch_folder(topo: Topology, generation: str, stack: contextlib.ExitStack) -> str:
+def _scratch_folder(topo: Topology, job: context.JobContext, stack: contextlib.ExitStack) -> str:
     """The job's private scratch folder on this host, for Dask's spill and worker files (collective on host).
 
     Host rank 0 makes it (mode 0700, in the temporary directory: Slurm's
@@ -83,31 +46,11 @@ def _scratch_folder(topo: Topology, generation: str, stack: contextlib.ExitStack
     the job is killed. Dask would otherwise leave ``dask-scratch-space`` in
     /tmp after an abort.
     """
-    import shutil
-    import tempfile
-
-    global _scratch
-    path = tempfile.mkdtemp(prefix=f"hpcshare-{generation}-") if topo.host.Get_rank() == 0 else None
-    path = _scratch = sync.bcast(topo.host, path)
+    path = tempfile.mkdtemp(prefix=f"hpcshare-{job.generation}-") if topo.host.Get_rank() == 0 else None
+    path = job.scratch = sync.bcast(topo.host, path)
     if topo.host.Get_rank() == 0:
         stack.callback(shutil.rmtree, path, ignore_errors=True)
     return path
-
-
-def _end_with_launcher() -> None:
-    """Have the kernel send this rank SIGTERM when its launcher dies (local; Linux).
-
-    A batch system that SIGKILLs mpiexec and its proxy after the grace time
-    would otherwise leave the ranks running on as orphans until ``main``
-    ends. SIGTERM ends the job as scancel does (the CLI's handler unlinks
-    the shared memory first; the watcher sweeps what is left).
-    """
-    global _launcher
-    parent = _launcher = os.getppid()
-    if not supervise.term_on_parent_death():
-        return
-    if os.getppid() != parent:  # the launcher died before the request was in place
-        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _preflight(
@@ -176,7 +119,7 @@ def _end_of_job_report(
         if error is not None:
             print(f"hpcshare: error: {error}", file=sys.stderr, flush=True)
         print(f"hpcshare: {exc}; aborting the job", file=sys.stderr, flush=True)
-        abort(topo.world, 1)
+        ending.abort(topo.world, 1)
 
 
 def run(
@@ -227,16 +170,29 @@ def run(
         freed either way, unless arrays that view it are still referenced
         (then it stays mapped until the process exits, with a warning).
     """
-    _end_with_launcher()  # before MPI starts: Open MPI's MPI_Init makes its files in /dev/shm
+    with context.running(context.JobContext()) as job:
+        return _run(job, main, inputs, comm, on_placed, options)
+
+
+def _run(
+    job: context.JobContext,
+    main: MainFunction | str | os.PathLike[str] | None,
+    inputs: Mapping[str, Any] | None,
+    comm: MPI.Intracomm | None,
+    on_placed: Callable[[PlacementStats], Any] | None,
+    options: Mapping[str, Any],
+) -> Any:
+    """:func:`run`, inside the job's context (collective on ``comm``)."""
+    ending.end_with_launcher(job)  # before MPI starts: Open MPI's MPI_Init makes its files in /dev/shm
     from mpi4py import MPI
 
     world = MPI.COMM_WORLD if comm is None else comm
     install_handler(only_if_unconfigured=True)
-    config, job, sources, tables = _preflight(world, main, inputs, options)
+    config, main_fn, sources, tables = _preflight(world, main, inputs, options)
     with contextlib.ExitStack() as stack:
         topo = stack.enter_context(Topology.create(world, config.ranks_per_node))
-        generation = sync.bcast(world, uuid.uuid4().hex[:12] if topo.rank == 0 else None)
-        scratch = _scratch_folder(topo, generation, stack)
+        generation = job.generation = sync.bcast(world, uuid.uuid4().hex[:12] if topo.rank == 0 else None)
+        scratch = _scratch_folder(topo, job, stack)
         stack.enter_context(
             shm.Watcher(topo, config.shm_dir, prefix=store.job_prefix(generation), folder=scratch)
         )
@@ -253,7 +209,7 @@ def run(
         with DaskCluster(
             topo, config, memory_limit, local_directory=scratch, generation=generation
         ) as cluster:
-            result, error = cluster.run(job, handles)
+            result, error = cluster.run(main_fn, handles)
         with collective_phase():  # the report measures collectively
             _end_of_job_report(topo, placement.nbytes, len(placement.inputs), config, generation, error)
     sync.agree(world, error, config.timeout)

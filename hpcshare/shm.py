@@ -24,22 +24,28 @@ so it imports nothing but the standard library at module level.
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import mmap
 import os
 import shutil
 import subprocess
 import sys
 import time
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .topology import Topology
 
 __all__ = [
+    "MADV_HUGEPAGE",
+    "MADV_POPULATE_WRITE",
     "SHM_DIR",
     "Watcher",
     "check_capacity",
     "free_space",
+    "libc",
     "mapped_files",
     "mapped_shm_files",
     "names",
@@ -50,6 +56,17 @@ __all__ = [
 
 SHM_DIR = "/dev/shm"
 _WATCH_EVERY = 0.5  # seconds between the watcher's looks at the ranks
+MADV_HUGEPAGE = 14
+MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux 5.14+
+
+
+@functools.cache
+def libc() -> Any:
+    """The C library, for madvise and mprotect on shared memory (None where it cannot be loaded)."""
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:  # pragma: no cover - not Linux
+        return None
 
 
 def mapped_files(pid: int | str = "self") -> list[str]:
@@ -173,8 +190,6 @@ class Watcher:
     the watcher sees the ranks end and exits by itself.
     """
 
-    _started = False  # once per process: a second job in the same ranks is already watched
-
     def __init__(
         self, topo: Topology, shm_dir: str = SHM_DIR, prefix: str | None = None, folder: str | None = None
     ) -> None:
@@ -182,31 +197,30 @@ class Watcher:
         self.process: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> Watcher:
+        from .context import PROCESS  # not at module level: this file is also the watcher's program
+
         pids = self.topo.host.gather(os.getpid(), root=0)
-        if Watcher._started or self.topo.host.Get_rank() != 0 or pids is None:
-            return self
+        if PROCESS.watcher is not None or self.topo.host.Get_rank() != 0 or pids is None:
+            return self  # once per process: a second job in the same ranks is already watched
         paths = mapped_shm_files(self.shm_dir)
         if self.prefix:  # files made later, while the job runs (hpcshare.put)
             paths.append(os.path.join(self.shm_dir, self.prefix) + "*")
         if self.folder:  # the job's private scratch folder, removed with all it holds
             paths.append(self.folder.rstrip("/") + "/")
         if paths:
-            Watcher._started = True
-            self.process = subprocess.Popen(
+            self.process = PROCESS.watcher = subprocess.Popen(
                 [sys.executable, "-I", os.path.abspath(__file__), ",".join(map(str, pids)), *paths],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
                 start_new_session=True,
             )
-            _keep.append(self.process)  # never waited for: it must outlive this process
+            # never waited for: it must outlive this process (PROCESS keeps it, so Popen's finalizer
+            # does not warn about a live child)
         return self
 
     def __exit__(self, *exc: object) -> None:
         return None
-
-
-_keep: list[subprocess.Popen[bytes]] = []  # so Popen's finalizer does not warn about a live child
 
 
 def _alive(pid: int) -> bool:

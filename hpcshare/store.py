@@ -18,20 +18,21 @@ until it is dropped, and the memory is returned after that.
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import mmap
 import os
-import threading
 import weakref
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from dask.sizeof import sizeof
 
-from . import codec, handles
+from . import codec, context, registry, shm
+from .context import JobContext
 from .errors import CapacityError, ResolveError
-from .handles import ArrayHandle, ObjectHandle
+
+if TYPE_CHECKING:
+    from .handles import ArrayHandle, ObjectHandle
 
 __all__ = [
     "FREED",
@@ -40,6 +41,7 @@ __all__ = [
     "attach_object",
     "create",
     "file_name",
+    "in_a_job",
     "job_prefix",
     "node_files",
     "release",
@@ -52,24 +54,6 @@ FREED = (
 _SMALL = 256  # Dask's sizeof of a node-shared object a task holds: it is not this worker's memory
 
 
-@dataclasses.dataclass(frozen=True)
-class _Place:
-    """Where this process is: its job and node."""
-
-    shm_dir: str
-    node: int
-    generation: str
-
-
-_place: _Place | None = None
-_lock = threading.RLock()
-_objects: dict[str, tuple[str, Any]] = {}  # name -> (generation, the decoded object) of pandas and Arrow
-_arrays: dict[str, str] = {}  # name -> generation of put arrays registered with hpcshare.handles
-_handed_out: dict[int, weakref.ref[Any]] = {}  # id -> object, for Dask's sizeof
-_maps: weakref.WeakSet[mmap.mmap] = weakref.WeakSet()  # this process's read-only maps of node files
-_wrapped: set[type] = set()
-
-
 def job_prefix(generation: str) -> str:
     """The start of every file name of this job's objects."""
     return f"hpcshare-{generation}-"
@@ -80,34 +64,42 @@ def file_name(generation: str, name: str, node: int) -> str:
 
 
 class Joined:
-    """This process's membership of a job, as a context manager (local).
+    """This process's place in the running job for its put objects, as a context manager (local).
 
-    Entering says where this process is, so handles can find their node's
-    files. Leaving forgets every object this process resolved; with
-    ``owner=True`` (one rank per node) it also unlinks the node's files
-    that are left.
+    Entering notes the shared-memory directory and node on the job's context,
+    so handles can find their node's files. Leaving forgets every object this
+    process resolved; with ``owner=True`` (one rank per node) it also unlinks
+    the node's files that are left.
     """
 
-    def __init__(self, shm_dir: str, node: int, generation: str, *, owner: bool = False) -> None:
-        self.place = _Place(shm_dir, node, generation)
-        self.owner = owner
+    def __init__(self, shm_dir: str, node: int, *, owner: bool = False) -> None:
+        self.shm_dir, self.node, self.owner = shm_dir, node, owner
 
     def __enter__(self) -> Joined:
-        global _place
-        _place = self.place
+        ctx = registry.job()
+        ctx.shm_dir, ctx.node = self.shm_dir, self.node
         return self
 
     def __exit__(self, *exc: object) -> None:
-        global _place
-        with _lock:
-            for name, generation in [*((n, e[0]) for n, e in _objects.items()), *_arrays.items()]:
-                handles.unregister(name, generation)
-            _objects.clear()
-            _arrays.clear()
-            _place = None
+        ctx = context.current()
+        if ctx is None:
+            return
+        with ctx.lock:
+            stored = [*((n, e[0]) for n, e in ctx.objects.items())]
+            stored += [(n, e[0]) for n, e in ctx.arrays.items() if n in ctx.stored]
+            for name, generation in stored:
+                registry.unregister(name, generation)
+            ctx.objects.clear()
+            ctx.stored.clear()
         if self.owner:
-            for path in node_files(self.place.shm_dir, self.place.generation, self.place.node):
+            for path in node_files(self.shm_dir, ctx.generation, self.node):
                 _unlink(path)
+
+
+def in_a_job() -> bool:
+    """Whether this process is in a running job whose put objects it can map (local)."""
+    ctx = context.current()
+    return ctx is not None and bool(ctx.shm_dir)
 
 
 def node_files(shm_dir: str, generation: str, node: int | None = None) -> list[str]:
@@ -132,21 +124,17 @@ def _unlink(path: str) -> None:
         pass
 
 
-def _here() -> _Place:
-    if _place is None:
-        raise ResolveError(handles._NOT_IN_A_JOB)
-    return _place
+def _here() -> JobContext:
+    ctx = registry.job()
+    if not ctx.shm_dir:
+        raise ResolveError(registry.NOT_IN_A_JOB)
+    return ctx
 
 
 def path_of(name: str, node: int | None = None) -> str:
     """The file of object ``name`` on ``node`` (default: this process's node) (local)."""
-    place = _here()
-    return os.path.join(
-        place.shm_dir, file_name(place.generation, name, place.node if node is None else node)
-    )
-
-
-_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
+    ctx = _here()
+    return os.path.join(ctx.shm_dir, file_name(ctx.generation, name, ctx.node if node is None else node))
 
 
 def create(path: str, nbytes: int, what: str) -> mmap.mmap:
@@ -183,7 +171,7 @@ def _populate(mm: mmap.mmap) -> None:
     of copy after the allocation, against 0.26 s to populate plus 0.08 s).
     """
     try:
-        mm.madvise(_MADV_POPULATE_WRITE)
+        mm.madvise(shm.MADV_POPULATE_WRITE)
     except (OSError, ValueError):
         pass
 
@@ -209,28 +197,30 @@ def map_readonly(path: str) -> memoryview:
         mm = mmap.mmap(fd, size, prot=mmap.PROT_READ)
     finally:
         os.close(fd)
-    _maps.add(mm)
+    ctx = context.current()
+    if ctx is not None:
+        ctx.maps.add(mm)
     return memoryview(mm)
 
 
 def _open(name: str, generation: str, what: str) -> Any:
     """Decode this node's file of ``name`` (local); a missing file means it was freed."""
-    place = _here()
-    if place.generation != generation:
+    ctx = _here()
+    if ctx.generation != generation:
         raise ResolveError(
             f"{what} {name!r} (generation {generation}) comes from an earlier job; this process "
-            f"is in job {place.generation}. Use the handles your current job made."
+            f"is in job {ctx.generation}. Use the handles your current job made."
         )
     try:
         view = map_readonly(path_of(name))
     except FileNotFoundError:
-        raise ResolveError(f"{what} {name!r} cannot be resolved on node {place.node}: {FREED}") from None
+        raise ResolveError(f"{what} {name!r} cannot be resolved on node {ctx.node}: {FREED}") from None
     return codec.decode(view)
 
 
 def attach_array(handle: ArrayHandle) -> np.ndarray:
     """The read-only view of a put array on this node; registered, so later resolves are a lookup."""
-    with _lock:
+    with _here().lock:
         array: np.ndarray = _open(handle.name, handle.generation, "array")
         remember(handle.name, handle.generation, array)
         return array
@@ -242,44 +232,47 @@ def attach_object(handle: ObjectHandle) -> Any:
     pandas objects come back as a shallow copy of the cached one: writes go
     to the task's own columns (copy-on-write), never to the shared buffers.
     """
-    entry = _objects.get(handle.name)
+    why = registry.freed_because(handle.name, handle.generation)
+    if why is not None:
+        raise ResolveError(f"object {handle.name!r} ({handle.summary}) cannot be resolved: {why}")
+    ctx = _here()
+    entry = ctx.objects.get(handle.name)
     if entry is None or entry[0] != handle.generation:
-        why = handles.freed_because(handle.name, handle.generation)
-        if why is not None:
-            raise ResolveError(f"object {handle.name!r} ({handle.summary}) cannot be resolved: {why}")
-        with _lock:
-            entry = _objects.get(handle.name)
+        with ctx.lock:
+            entry = ctx.objects.get(handle.name)
             if entry is None or entry[0] != handle.generation:
                 entry = (handle.generation, _open(handle.name, handle.generation, "object"))
-                _objects[handle.name] = entry
-                _wrap_sizeof(type(entry[1]))
+                ctx.objects[handle.name] = entry
+                _wrap_sizeof(ctx, type(entry[1]))
     obj = entry[1]
     if handle.kind == "pandas":
         obj = obj.copy(deep=False)
-    _hand_out(obj)
+    _hand_out(ctx, obj)
     return obj
 
 
-def _hand_out(obj: Any) -> None:
+def _hand_out(ctx: JobContext, obj: Any) -> None:
     """Note ``obj`` as node-shared until it is dropped (for Dask's sizeof)."""
     key = id(obj)
+    handed_out = ctx.handed_out
 
     def forget(_: weakref.ref[Any]) -> None:
-        _handed_out.pop(key, None)
+        handed_out.pop(key, None)
 
-    _handed_out[key] = weakref.ref(obj, forget)
+    handed_out[key] = weakref.ref(obj, forget)
 
 
 def remember(name: str, generation: str, obj: Any) -> None:
     """Cache ``obj`` (decoded over this node's file) as what ``name`` resolves to here (local)."""
-    with _lock:
+    ctx = _here()
+    with ctx.lock:
         if isinstance(obj, np.ndarray):
-            handles.register(name, generation, obj)
-            _arrays[name] = generation
-            _wrap_sizeof(np.ndarray)
+            registry.register(name, generation, obj)
+            ctx.stored.add(name)
+            _wrap_sizeof(ctx, np.ndarray)
         else:
-            _objects[name] = (generation, obj)
-            _wrap_sizeof(type(obj))
+            ctx.objects[name] = (generation, obj)
+            _wrap_sizeof(ctx, type(obj))
 
 
 def release(name: str, generation: str) -> None:
@@ -288,20 +281,23 @@ def release(name: str, generation: str) -> None:
     Later resolves in this process raise :class:`ResolveError` saying it
     was freed; objects already handed out keep their mapping.
     """
-    with _lock:
-        _objects.pop(name, None)
-        _arrays.pop(name, None)
-        handles.unregister(name, generation, why=FREED)
-        if _place is not None and _place.generation == generation:
+    ctx = context.current()
+    if ctx is None:
+        return
+    with ctx.lock:
+        ctx.objects.pop(name, None)
+        ctx.stored.discard(name)
+        registry.unregister(name, generation, why=FREED)
+        if ctx.shm_dir and ctx.generation == generation:
             _unlink(path_of(name))
 
 
 # --- Dask's memory accounting -------------------------------------------------------
 
 
-def _is_node_shared(obj: Any) -> bool:
+def _is_node_shared(ctx: JobContext, obj: Any) -> bool:
     """Whether ``obj`` is a node-shared object (or an array whose memory is a node file)."""
-    ref = _handed_out.get(id(obj))
+    ref = ctx.handed_out.get(id(obj))
     if ref is not None and ref() is obj:
         return True
     if isinstance(obj, np.ndarray):
@@ -310,18 +306,32 @@ def _is_node_shared(obj: Any) -> bool:
             base = base.base
         if isinstance(base, memoryview):
             base = base.obj
-        return isinstance(base, mmap.mmap) and base in _maps
+        return isinstance(base, mmap.mmap) and base in ctx.maps
     return False
 
 
-def _wrap_sizeof(cls: type) -> None:
-    """Make Dask's sizeof of node-shared objects of ``cls`` small; others keep Dask's figure."""
-    if cls in _wrapped:
-        return
+def _wrap_sizeof(ctx: JobContext, cls: type) -> None:
+    """Make Dask's sizeof of node-shared objects of ``cls`` small for the rest of the job.
+
+    Other objects keep Dask's figure; the job's end puts Dask's own
+    registration back.
+    """
     original = sizeof.dispatch(cls)
+    if getattr(original, "_hpcshare_wraps", None) is not None:
+        return
 
     def shared_is_small(obj: Any) -> int:
-        return _SMALL if _is_node_shared(obj) else int(original(obj))
+        return _SMALL if _is_node_shared(ctx, obj) else int(original(obj))
 
+    shared_is_small._hpcshare_wraps = original  # type: ignore[attr-defined]
+    had = cls in sizeof._lookup
+    previous = sizeof._lookup.get(cls)
     sizeof.register(cls)(shared_is_small)
-    _wrapped.add(cls)
+
+    def restore() -> None:  # also where Dask's lookup cached the wrapper for a subclass
+        for key in [k for k, v in sizeof._lookup.items() if v is shared_is_small]:
+            del sizeof._lookup[key]
+        if had:
+            sizeof._lookup[cls] = previous
+
+    ctx.on_end(restore)

@@ -3,7 +3,8 @@
 MPICH's blocking collectives poll at full speed: a rank waiting in
 ``Barrier`` for a leader that reads a file burns a whole core, which on an
 oversubscribed node steals the core the reader needs. Here every wait is a
-non-blocking request polled with short, growing sleeps.
+poll with short, growing sleeps (:class:`Backoff`, the one poll loop of
+hpcshare: :func:`poll` for bounded waits, the put service's loop for its own).
 """
 
 from __future__ import annotations
@@ -12,31 +13,61 @@ import pickle
 import sys
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from .errors import HpcshareError
+from . import ending
+from .config import default_timeout
+from .errors import HpcshareError, WaitTimeout
 
 if TYPE_CHECKING:
     from mpi4py import MPI
 
-__all__ = ["Collective", "WaitTimeout", "agree", "agreed", "barrier", "bcast", "origin_of", "wait"]
+__all__ = [
+    "Backoff",
+    "Collective",
+    "WaitTimeout",
+    "agree",
+    "agreed",
+    "barrier",
+    "bcast",
+    "origin_of",
+    "poll",
+    "wait",
+]
 
-_MIN_SLEEP = 20e-6
-_MAX_SLEEP = 5e-3
+T = TypeVar("T")
 
 
-class WaitTimeout(HpcshareError, TimeoutError):
-    """A bounded wait ran out of time."""
+class Backoff:
+    """Sleeps that double from 20 us to 5 ms while a poll finds nothing (local).
+
+    Short enough that a message is picked up within milliseconds, long
+    enough that a waiting rank uses about 1% of a core.
+    """
+
+    FIRST, LONGEST = 20e-6, 5e-3
+
+    def __init__(self) -> None:
+        self.delay = self.FIRST
+
+    def sleep(self) -> None:
+        """Sleep, and make the next sleep longer."""
+        time.sleep(self.delay)
+        self.delay = min(self.delay * 2, self.LONGEST)
+
+    def reset(self) -> None:
+        """Something arrived: the next wait starts short again."""
+        self.delay = self.FIRST
 
 
-def wait(
-    request: MPI.Request,
+def poll(
+    ready: Callable[[], T | None],
     *,
     timeout: float | None = None,
     what: str = "the other ranks",
     on_wait: Callable[[float], Any] | None = None,
-) -> None:
-    """Wait for ``request`` without spinning the CPU (local).
+) -> T:
+    """Call ``ready()`` until it returns something other than None or False, idly (local).
 
     ``on_wait(seconds)`` is called about once a second while the wait lasts
     (progress lines).
@@ -46,18 +77,29 @@ def wait(
     WaitTimeout
         When ``timeout`` seconds pass first.
     """
-    sleep = _MIN_SLEEP
+    backoff = Backoff()
     start = tick = time.monotonic()
     deadline = None if timeout is None else start + timeout
-    while not request.Test():
+    while (result := ready()) is None or result is False:
         now = time.monotonic()
         if deadline is not None and now > deadline:
             raise WaitTimeout(f"waited {timeout:g} s for {what} and gave up")
         if on_wait is not None and now - tick >= 1.0:
             tick = now
             on_wait(now - start)
-        time.sleep(sleep)
-        sleep = min(sleep * 2, _MAX_SLEEP)
+        backoff.sleep()
+    return result
+
+
+def wait(
+    request: MPI.Request,
+    *,
+    timeout: float | None = None,
+    what: str = "the other ranks",
+    on_wait: Callable[[float], Any] | None = None,
+) -> None:
+    """Wait for ``request`` without spinning the CPU (local); see :func:`poll`."""
+    poll(request.Test, timeout=timeout, what=what, on_wait=on_wait)
 
 
 def barrier(
@@ -86,17 +128,6 @@ def _portable(exc: BaseException) -> bytes:
         return pickle.dumps(HpcshareError(f"{type(exc).__name__}: {exc}"))
 
 
-def configured_timeout() -> float:
-    """``hpcshare.timeout`` in seconds, from Dask's config (local; 120 if unset or unreadable)."""
-    import dask
-    from dask.utils import parse_timedelta
-
-    try:
-        return float(parse_timedelta(dask.config.get("hpcshare.timeout", 120), default="seconds"))
-    except (TypeError, ValueError, KeyError):
-        return 120.0
-
-
 def agree(
     comm: MPI.Comm,
     error: BaseException | None,
@@ -111,7 +142,7 @@ def agree(
     ``timeout`` (default ``hpcshare.timeout``) for the others ends the whole
     job: they are stuck, and nothing else would end it.
     """
-    limit = configured_timeout() if timeout is None else timeout
+    limit = default_timeout() if timeout is None else timeout
     try:
         barrier(comm, timeout=limit, what="the other ranks to finish this step", on_wait=on_wait)
     except WaitTimeout as exc:
@@ -151,12 +182,10 @@ def _give_up(exc: WaitTimeout, error: BaseException | None) -> None:
     """End the whole job from a rank that waited too long (local; does not return)."""
     from mpi4py import MPI
 
-    from .runtime import abort
-
     rank = MPI.COMM_WORLD.Get_rank()
     mine = "" if error is None else f" (this rank had failed: {type(error).__name__}: {error})"
     print(f"hpcshare: rank {rank}: {exc}{mine}; ending the job", file=sys.stderr, flush=True)
-    abort(code=1)
+    ending.abort(code=1)
 
 
 class Collective:

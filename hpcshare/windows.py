@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import functools
 import mmap
 import sys
 import warnings
@@ -11,7 +10,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .context import PROCESS
 from .errors import HpcshareError
+from .shm import MADV_HUGEPAGE, MADV_POPULATE_WRITE, libc
 from .sync import barrier
 
 if TYPE_CHECKING:
@@ -19,26 +20,13 @@ if TYPE_CHECKING:
 
 __all__ = ["NodeWindow", "kept_mapped"]
 
-# Windows whose memory was still viewed at free(): kept until the process ends.
-_deferred: list[NodeWindow] = []
-
-_MADV_HUGEPAGE = 14
-_MADV_POPULATE_WRITE = 23  # Linux 5.14+
 _PROT_READ = 1
 _PROT_WRITE = 2
 
 
 def kept_mapped() -> int:
     """How many windows this process keeps mapped because views outlived their job (local)."""
-    return len(_deferred)
-
-
-@functools.cache
-def _libc() -> Any:
-    try:
-        return ctypes.CDLL(None, use_errno=True)
-    except OSError:  # pragma: no cover - not Linux
-        return None
+    return len(PROCESS.kept_windows)
 
 
 class NodeWindow:
@@ -120,13 +108,13 @@ class NodeWindow:
         or last page (shared with the MPI library's other segments) stay
         writable at that level, and read-only through NumPy.
         """
-        libc = _libc()
-        if libc is None or self.nbytes == 0:
+        c = libc()
+        if c is None or self.nbytes == 0:
             return False
         page = mmap.PAGESIZE
         start = self.bytes().ctypes.data
         lo, hi = -(-start // page) * page, (start + self.nbytes) // page * page
-        if hi <= lo or libc.mprotect(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _PROT_READ) != 0:
+        if hi <= lo or c.mprotect(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _PROT_READ) != 0:
             return False
         self._sealed = (lo, hi)
         return True
@@ -138,11 +126,11 @@ class NodeWindow:
         and hand it out again (MPICH does for small windows): pages left
         read-only would make a later write anywhere in that memory fault.
         """
-        libc = _libc()
-        if self._sealed is None or libc is None:
+        c = libc()
+        if self._sealed is None or c is None:
             return
         lo, hi = self._sealed
-        libc.mprotect(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _PROT_READ | _PROT_WRITE)
+        c.mprotect(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _PROT_READ | _PROT_WRITE)
         self._sealed = None
 
     def prefault(self, start: int, stop: int) -> None:
@@ -154,15 +142,15 @@ class NodeWindow:
         for too; they take effect only where the administrator allows them for
         shared memory (/sys/kernel/mm/transparent_hugepage/shmem_enabled).
         """
-        libc = _libc()
-        if stop <= start or libc is None:
+        c = libc()
+        if stop <= start or c is None:
             return
         page = mmap.PAGESIZE
         addr = self.bytes().ctypes.data + start
         lo = addr - addr % page
         length = ctypes.c_size_t(addr + (stop - start) - lo)
-        libc.madvise(ctypes.c_void_p(lo), length, _MADV_HUGEPAGE)
-        libc.madvise(ctypes.c_void_p(lo), length, _MADV_POPULATE_WRITE)
+        c.madvise(ctypes.c_void_p(lo), length, MADV_HUGEPAGE)
+        c.madvise(ctypes.c_void_p(lo), length, MADV_POPULATE_WRITE)
 
     def prefault_share(self, index: int, of: int) -> None:
         """:meth:`prefault` share ``index`` of ``of`` page-aligned shares of the window (local)."""
@@ -209,4 +197,4 @@ class NodeWindow:
                 RuntimeWarning,
                 stacklevel=2,
             )
-        _deferred.append(self)
+        PROCESS.kept_windows.append(self)  # kept until the process ends

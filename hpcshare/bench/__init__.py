@@ -17,10 +17,13 @@
 
 from __future__ import annotations
 
-from .driver import BenchConfig, config_from_args, make_inputs, memory_needed, run_bench, run_one
-from .output import BenchResult
-from .rows import BenchRow
-from .targets import Target
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .driver import BenchConfig, config_from_args, make_inputs, memory_needed, run_bench, run_one
+    from .output import BenchResult
+    from .rows import BenchRow
+    from .targets import Target
 
 __all__ = [
     "BenchConfig",
@@ -33,3 +36,14 @@ __all__ = [
     "run_bench",
     "run_one",
 ]
+
+_HOMES = {"BenchResult": "output", "BenchRow": "rows", "Target": "targets"}
+
+
+def __getattr__(name: str) -> Any:
+    """The benchmark loads when first used: the command line names it on every rank of every job."""
+    if name not in __all__:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f".{_HOMES.get(name, 'driver')}", __name__), name)

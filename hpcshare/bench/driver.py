@@ -32,8 +32,9 @@ from dask.utils import format_bytes, parse_bytes
 
 from .. import shm
 from ..errors import ConfigError
+from .names import ALL_CONTENDERS, TINY_TASKS
 from .output import BASELINES, BenchResult, line, report_text, write_plot, write_results
-from .overhead import JOB_ORDER, TINY_TASKS, combine, shares
+from .overhead import JOB_ORDER, combine, shares
 from .rows import BenchRow
 from .sampling import PeakMemory, available_memory, kill_group
 from .targets import JUDGED_TINY_TASKS, checksums_agree, targets
@@ -50,17 +51,6 @@ MPI_CONTENDERS = (
     "submit",
     "unidist-put",
     "hpcshare-tiny",
-)
-ALL_CONTENDERS = (
-    "hpcshare",
-    "hpcshare-h5",
-    "scatter",
-    "submit",
-    "fork",
-    "ray",
-    "hpcshare-put",
-    "ray-put",
-    "unidist-put",
 )
 FRAME_CONTENDERS = ("hpcshare-put", "scatter", "ray-put")  #: the ones that run the frame workload
 NODES_CONTENDERS = ("hpcshare-put",)  #: the ones that run on emulated nodes

@@ -43,7 +43,6 @@ __all__ = [
     "BLOCK",
     "JOB_ORDER",
     "KINDS",
-    "TINY_TASKS",
     "combine",
     "expected_checksum",
     "run_tiny",
@@ -53,7 +52,6 @@ __all__ = [
 ]
 
 KINDS = ("none", "handle")  #: the two kinds of tiny task
-TINY_TASKS = 100_000  #: tasks of each kind, with TLS and without, unless ``--tiny-tasks`` says otherwise
 BLOCK = 2000  #: about how many tasks of one kind are submitted at once; the kinds alternate by blocks
 WARM_UP = 1000  #: tasks of each kind a job runs before it measures (imports, connections, caches)
 #: the jobs of one worker count, in order: TLS on (True) and off, alternating as the kinds do

@@ -223,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from mpi4py import MPI
 
-    from .. import sync
+    from .. import context, sync
     from ..config import JobConfig
     from ..loaders import source_for
     from ..placement import place_inputs
@@ -232,8 +232,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     world = MPI.COMM_WORLD
     config = JobConfig.from_options(ranks_per_node=RANKS_PER_NODE, read=args.read, quiet=True)
     source = source_for("x", args.source)
-    with Topology.create(world, config.ranks_per_node) as topo:
-        generation = sync.bcast(world, uuid.uuid4().hex[:12] if world.rank == 0 else None)
+    with context.running(context.JobContext()) as job, Topology.create(world, config.ranks_per_node) as topo:
+        generation = job.generation = sync.bcast(world, uuid.uuid4().hex[:12] if world.rank == 0 else None)
         world.Barrier()
         with place_inputs(topo, [source], config, generation) as placement:
             stats = placement.stats

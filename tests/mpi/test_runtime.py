@@ -15,6 +15,7 @@ import dask
 import dask.array
 import h5py
 import numpy as np
+import pandas as pd
 import pytest
 
 import hpcshare
@@ -257,7 +258,68 @@ def test_handles_from_an_ended_job_fail_loudly(comm):
             result.resolve()
 
 
+def _job_state():
+    """What the job running in this process holds (runs on every Dask process through client.run)."""
+    from hpcshare import context
+
+    job = context.current()
+    return job.generation, sorted(job.arrays), sorted(job.objects), job.exchange is not None
+
+
+def test_a_second_run_in_the_same_process_starts_from_a_clean_state(comm):
+    from dask.sizeof import sizeof
+
+    from hpcshare import context
+
+    dasks_own = sizeof.dispatch(np.ndarray)
+
+    def first(client, inputs):
+        arr, frame = hpcshare.put(np.arange(10.0)), hpcshare.put(pd.DataFrame({"x": [1.0, 2.0]}))
+        sums = client.gather(
+            [
+                client.submit(
+                    lambda a, f, w: float(a.resolve().sum() + f.resolve()["x"].sum()), arr, frame, w
+                )
+                for w in range(6)
+            ]
+        )
+        return arr, frame, sums
+
+    got = comm.bcast(hpcshare.run(first, {"v": lambda: np.arange(5.0)}, **QUIET), root=1)
+    old_put, old_frame, sums = got
+    assert sums == [48.0] * 6
+    # on every rank, once the first job has ended: no job, Dask's own sizeof back
+    assert context.current() is None
+    assert sizeof.dispatch(np.ndarray) is dasks_own
+
+    def second(client, inputs):
+        def resolve_old(h):
+            try:
+                h.resolve()
+            except hpcshare.ResolveError as exc:
+                return str(exc)
+            return "resolved"
+
+        old = client.gather([client.submit(resolve_old, h, pure=False) for h in (old_put, old_frame)])
+        return old, _job_state(), client.run(_job_state), client.run_on_scheduler(_job_state)
+
+    old, mine, workers, scheduler = hpcshare.run(second, {"w": lambda: np.ones(3)}, **QUIET) or (
+        None,
+        None,
+        None,
+        None,
+    )
+    if comm.rank == 1:
+        assert all("has ended" in message for message in old), old
+        generation = mine[0]
+        assert generation != old_put.generation
+        for state in [mine, scheduler, *workers.values()]:
+            # only this job's input, none of the first job's arrays or objects; the put service is running
+            assert state == (generation, ["w"], [], True), state
+
+
 def test_waiting_ranks_do_not_spin_during_placement(comm):
+    from hpcshare import context
     from hpcshare.config import JobConfig
     from hpcshare.loaders import Fill, source_for
     from hpcshare.placement import place_inputs
@@ -270,15 +332,12 @@ def test_waiting_ranks_do_not_spin_during_placement(comm):
 
         return Fill((1000,), "f8", fill)
 
-    topo = Topology.create(comm)
-    try:
+    with context.running(context.JobContext(generation="gen")), Topology.create(comm) as topo:
         cpu, wall = time.process_time(), time.monotonic()
         placement = place_inputs(topo, [source_for("slow", slow)], JobConfig.from_options(quiet=True), "gen")
         cpu, wall = time.process_time() - cpu, time.monotonic() - wall
         assert float(placement.handles["slow"].resolve().sum()) == 1000.0
         placement.free()
-    finally:
-        topo.free()
     assert wall >= 2.0
     if comm.rank != 0:
         assert cpu < 0.1 * wall, f"rank {comm.rank} used {cpu:.2f} s of CPU waiting {wall:.2f} s"

@@ -237,6 +237,59 @@ def test_a_put_too_large_for_shared_memory_is_refused_before_anything_is_allocat
         assert left == []
 
 
+def _rss_anon() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
+
+
+def test_a_strided_array_is_put_without_a_private_copy(comm):
+    def main(client, inputs):
+        import threading
+
+        base = np.arange(2 * 2**25, dtype=np.float64)  # 512 MiB, private to the client
+        view = base[::2]  # 256 MiB of a non-contiguous view
+        start, peak, done = _rss_anon(), [0], threading.Event()
+
+        def sample():  # the putter's private memory, every few ms while the put runs
+            while not done.is_set():
+                peak[0] = max(peak[0], _rss_anon())
+                done.wait(0.002)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        try:
+            h = hpcshare.put(view)
+        finally:
+            done.set()
+            sampler.join()
+        checks = client.gather(
+            [
+                client.submit(lambda h, k: float(h.resolve()[k::4096].sum()), h, k, workers=[w], pure=False)
+                for w, k in (("rank-2", 1), ("rank-3", 2), ("rank-4", 3))
+            ]
+        )
+        want = [float(view[k::4096].sum()) for k in (1, 2, 3)]
+        flags = client.submit(lambda h: h.resolve().flags.c_contiguous, h, workers=["rank-3"]).result()
+        return (peak[0] - start) / 2**20, checks == want, flags
+
+    result = hpcshare.run(main, TINY, **JOB)
+    if comm.rank == 1:
+        grew_mib, same, contiguous = result
+        assert same and contiguous
+        assert grew_mib < 64, f"the putter's private memory grew by {grew_mib:.0f} MiB for a 256 MiB view"
+
+
+def test_a_broadcast_array_too_large_for_the_node_is_a_capacity_error_not_a_numpy_one(comm):
+    def main(client, inputs):
+        with pytest.raises(CapacityError) as info:  # numpy's own MemoryError is not a CapacityError
+            hpcshare.put(np.broadcast_to(0.0, (2**40 // 8,)))  # 1 TiB, from 8 bytes
+        return str(info.value)
+
+    message = hpcshare.run(main, TINY, **JOB)
+    if comm.rank == 1:
+        assert "1.00 TiB" in message, message
+
+
 def test_python_objects_are_refused_naming_the_column(comm):
     def main(client, inputs):
         bad = pd.DataFrame({"ok": [1, 2], "payload": [{"a": 1}, None]})

@@ -1,0 +1,24 @@
+"""The benchmark's names and defaults that the command line shows in its help.
+
+Nothing here imports anything: ``hpcshare job`` builds the whole command
+line on every rank, and must not load the benchmark to do so.
+"""
+
+from __future__ import annotations
+
+__all__ = ["ALL_CONTENDERS", "TINY_TASKS"]
+
+ALL_CONTENDERS = (
+    "hpcshare",
+    "hpcshare-h5",
+    "scatter",
+    "submit",
+    "fork",
+    "ray",
+    "hpcshare-put",
+    "ray-put",
+    "unidist-put",
+)
+TINY_TASKS = (
+    100_000  #: --overhead: tasks of each kind, with TLS and without, unless ``--tiny-tasks`` says otherwise
+)

@@ -1,0 +1,71 @@
+"""Ending the job from any rank: the job-wide abort, the scratch folder, the launcher's death.
+
+A leaf module: everything that may have to end the job (the waits in
+:mod:`hpcshare.sync`, the worker's task guard, the CLI's signal handlers,
+the runtime) imports it, and it imports only what ending needs.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sys
+from typing import TYPE_CHECKING
+
+from . import context, shm, supervise
+
+if TYPE_CHECKING:
+    from mpi4py import MPI
+
+__all__ = ["abort", "end_with_launcher", "launcher_gone", "remove_scratch"]
+
+
+def abort(comm: MPI.Comm | None = None, code: int = 1) -> None:
+    """End the whole MPI job now with ``code`` (local; does not return).
+
+    Named shared-memory files this process maps are unlinked first, since
+    ranks killed by an abort cannot remove them (MPICH leaves its
+    ``mpich_shm_*`` segment behind otherwise). Other ranks keep their
+    mappings until they exit.
+    """
+    shm.unlink_mapped()
+    remove_scratch()
+    supervise.ending()  # this rank's end is hpcshare's doing: its supervisor stays quiet
+    sys.stdout.flush()
+    sys.stderr.flush()
+    from mpi4py import MPI
+
+    (comm or MPI.COMM_WORLD).Abort(code)
+
+
+def launcher_gone() -> bool:
+    """Whether the process that started this rank has died (local): MPI_Abort would hang then."""
+    job = context.current()
+    return job is not None and job.launcher is not None and os.getppid() != job.launcher
+
+
+def remove_scratch() -> None:
+    """Remove the running job's scratch folder on this host (local, idempotent).
+
+    Before an abort or on SIGTERM, when the batch system may kill the
+    watcher too.
+    """
+    job = context.current()
+    if job is not None and job.scratch is not None:
+        shutil.rmtree(job.scratch, ignore_errors=True)
+
+
+def end_with_launcher(job: context.JobContext) -> None:
+    """Have the kernel send this rank SIGTERM when its launcher dies (local; Linux).
+
+    A batch system that SIGKILLs mpiexec and its proxy after the grace time
+    would otherwise leave the ranks running on as orphans until ``main``
+    ends. SIGTERM ends the job as scancel does (the CLI's handler unlinks
+    the shared memory first; the watcher sweeps what is left).
+    """
+    parent = job.launcher = os.getppid()
+    if not supervise.term_on_parent_death():
+        return
+    if os.getppid() != parent:  # the launcher died before the request was in place
+        os.kill(os.getpid(), signal.SIGTERM)
