@@ -19,7 +19,7 @@ standard-library-only supervisor that
   so the launcher sees what it would have seen and ends the rest of the job.
 
 When the launcher dies, the supervisor gets its parent-death signal and
-exits, and the rank gets its own (``runtime._end_with_launcher``).
+exits, and the rank gets its own (``ending.end_with_launcher``).
 ``hpcshare.supervise: false`` runs ranks without a supervisor.
 
 Program: ``python -I -S supervise.py CHILD_PID FD RANK ROLE HOST``.

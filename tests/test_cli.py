@@ -352,3 +352,10 @@ def test_a_file_missing_on_one_node_ends_the_job_naming_the_node_and_the_file(tm
     assert f"input 'x': cannot read '{there / 'x.npy'}' on node 2 (" in run.stderr, run
     assert run.stderr.count("error:") == 1, run
     assert "Traceback" not in run.stderr, run
+
+
+def test_an_input_name_starting_with_a_dash_is_not_taken_for_an_option():
+    from hpcshare.cli import _glue_inputs, _parser
+
+    ns = _parser().parse_args(_glue_inputs(["job", "--input", "-x=a.npy", "-i", "y=b.npy"]))
+    assert ns.inputs == [("-x", "a.npy"), ("y", "b.npy")]
