@@ -66,7 +66,7 @@ class ReadPlan:
         return [(run[0][0], run[-1][1]) if run else (0, 0) for run in self.runs]
 
     def pieces(self, node: int, rank: int, readers: int) -> list[Range]:
-        """The pieces rank ``rank`` of node ``node`` reads, when the node has ``readers`` readers.
+        """The pieces rank ``rank`` of node ``node`` reads, when the node has ``readers`` readers (local).
 
         Each reader takes a contiguous run of ``ceil(pieces / readers)`` of its
         node's pieces: the last readers take fewer, or none when the node has
@@ -80,7 +80,11 @@ class ReadPlan:
 
 
 def plan_reads(pieces: Sequence[Range], nodes: int) -> ReadPlan:
-    """Give each of ``nodes`` nodes a contiguous run of ``pieces`` (in order, sizes within one piece)."""
+    """Give each of ``nodes`` nodes a contiguous run of ``pieces``, in node order (local).
+
+    Runs differ in length by one piece at most; with fewer pieces than nodes
+    the first nodes get none.
+    """
     n = len(pieces)
     return ReadPlan(tuple(tuple(pieces[k * n // nodes : (k + 1) * n // nodes]) for k in range(nodes)))
 
@@ -97,5 +101,5 @@ def plan_input(src: Source, meta: ArrayMeta, nodes: int, most_readers: int) -> R
 
 
 def shares_from_node0(nbytes: int, nodes: int) -> list[Range]:
-    """The shares of an input that node 0 holds whole (a function source's): all of it, then nothing."""
+    """The shares of an input node 0 holds whole (a function source's): all, then none (local)."""
     return [(0, nbytes)] + [(0, 0)] * (nodes - 1)

@@ -65,7 +65,7 @@ class Clock:
 
 
 def waiting_lines(chatty: bool, state: Callable[[], str]) -> Callable[[float], None] | None:
-    """If ``chatty``, a progress line for ``sync``'s ``on_wait`` (about once a second while waiting)."""
+    """If ``chatty``, a line for ``sync``'s ``on_wait``, about once a second while waiting (local)."""
     if not chatty:
         return None
     return lambda seconds: logger.info(f"placing: {state()} ({seconds:.0f} s)")
