@@ -128,7 +128,7 @@ def _parser() -> argparse.ArgumentParser:
         "--read",
         choices=("collective", "per-node"),
         help="how nodes read file inputs: collective (default: each node reads its share of each "
-        "file once per job, and the nodes exchange their shares over MPI) or per-node (every node "
+        "file once per job, and the node leaders broadcast their shares over MPI) or per-node (every node "
         "reads every file in full: for node-local copies)",
     )
     job.add_argument("--nthreads", type=_positive, metavar="N", help="threads per Dask worker (default 1)")
@@ -227,7 +227,7 @@ def _parser() -> argparse.ArgumentParser:
         help="instead of the contenders: placement alone of a .npy file and of a gzip-chunked HDF5 "
         "dataset (--sizes, one size, default 512MiB) on --nodes emulated nodes (default 1,2,3,4) of "
         "two ranks, with collective and with per-node reading: bytes read from the files (counted, "
-        "and /proc rchar), bytes exchanged between nodes, time to ready",
+        "and /proc rchar), bytes broadcast between nodes, time to ready",
     )
     bench.add_argument(
         "--out", default="bench-out", metavar="DIR", help="where bench.json, bench.txt and bench.png go"

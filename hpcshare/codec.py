@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InputError
-from .layout import dtype_from_text, dtype_text, memory_order
+from .layout import PIECE, dtype_from_text, dtype_text, memory_order
 
 __all__ = ["ALIGN", "Encoded", "Refused", "decode", "describe", "encode"]
 
@@ -90,15 +90,12 @@ def _progress_at(offset: int, written: Callable[[int], None] | None) -> Callable
     return lambda n: written(offset + n)
 
 
-COPY_STEP = 64 << 20  # a copy reports its progress every this many bytes
-
-
 def _copier(src: memoryview) -> Callable[[memoryview, Callable[[int], None]], None]:
     def write(dest: memoryview, done: Callable[[int], None]) -> None:
         into, data = np.frombuffer(dest, np.uint8), np.frombuffer(src, np.uint8)
-        for a in range(0, len(data), COPY_STEP):
-            np.copyto(into[a : a + COPY_STEP], data[a : a + COPY_STEP])
-            done(min(a + COPY_STEP, len(data)))
+        for a in range(0, len(data), PIECE):
+            np.copyto(into[a : a + PIECE], data[a : a + PIECE])
+            done(min(a + PIECE, len(data)))
 
     return write
 
@@ -138,7 +135,7 @@ def _strided_copier(a: np.ndarray) -> Callable[[memoryview, Callable[[int], None
     def write(dest: memoryview, done: Callable[[int], None]) -> None:
         out = np.ndarray(a.shape, a.dtype, buffer=dest)
         row = a.nbytes // a.shape[0]
-        step = max(1, COPY_STEP // max(row, 1))
+        step = max(1, PIECE // max(row, 1))
         for i in range(0, a.shape[0], step):
             np.copyto(out[i : i + step], a[i : i + step])
             done(min(i + step, a.shape[0]) * row)
@@ -336,7 +333,7 @@ def encode_arrow_file(path: str) -> Encoded:
         with open(path, "rb") as f:
             have = 0
             while have < size:
-                n = f.readinto(dest[have : have + COPY_STEP])
+                n = f.readinto(dest[have : have + PIECE])
                 if not n:
                     raise OSError(f"{path} shrank while it was being read")
                 have += n

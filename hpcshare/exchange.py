@@ -36,11 +36,12 @@ from typing import TYPE_CHECKING, Any
 
 from dask.utils import format_bytes
 
-from . import codec, context, shm, store, sync
+from . import codec, context, store, sync
 from .errors import CapacityError, HpcshareError
 from .handles import ArrayHandle, Handle, ObjectHandle
-from .layout import memory_order
+from .layout import memory_order, pieces
 from .log import logger
+from .memory import check_room
 
 if TYPE_CHECKING:
     from mpi4py import MPI
@@ -52,7 +53,6 @@ if TYPE_CHECKING:
 __all__ = ["Exchange", "current"]
 
 _REQUEST, _REPLY, _DATA, _GO = 1, 2, 3, 4  # tags
-_PIECE = 64 * 2**20  # bytes per message: well under MPI's 2**31 count limit
 
 
 def current() -> Exchange:
@@ -103,7 +103,7 @@ def _receive(comm: MPI.Comm, source: int, tag: int, timeout: float, what: str) -
 
 
 def _pieces(nbytes: int) -> list[tuple[int, int]]:
-    return [(a, min(a + _PIECE, nbytes)) for a in range(0, nbytes, _PIECE)] or [(0, 0)]
+    return pieces(0, nbytes) or [(0, 0)]  # an empty object is still one (empty) message
 
 
 class Exchange:
@@ -412,23 +412,3 @@ def _byte() -> Any:
     from mpi4py import MPI
 
     return MPI.BYTE
-
-
-def check_room(config: JobConfig, need: int, what: str) -> None:
-    """Refuse ``need`` more bytes of shared memory on this host (local).
-
-    The limit is the smaller of the free space in the shared-memory
-    directory (less the configured headroom) and the memory the node can
-    still give (psutil's available memory, which a cgroup limit lowers).
-    """
-    import psutil
-    from dask.utils import format_bytes
-
-    shm.check_capacity(config.shm_dir, need, config.shm_headroom, what)
-    available = int(psutil.virtual_memory().available)
-    if need + config.shm_headroom > available:
-        raise CapacityError(
-            f"{what} needs {format_bytes(need)} of memory on this host, but only "
-            f"{format_bytes(available)} is available (plus {format_bytes(config.shm_headroom)} "
-            "kept free). Free objects you no longer need (hpcshare.free) or put a smaller one."
-        )

@@ -1,7 +1,9 @@
-"""How an array's bytes are laid out, in the compact form handles and node files record.
+"""How an array's bytes are laid out, and the piece they are moved in.
 
-One home for the two facts every side needs: an array's memory order and
-its dtype as plain, picklable text.
+One home for what every side needs: an array's memory order, its dtype as
+plain, picklable text, and :data:`PIECE`, the most bytes read, copied or
+sent in one step (placement's reads and broadcasts, a put's copy and its
+messages between nodes).
 """
 
 from __future__ import annotations
@@ -11,7 +13,16 @@ from typing import Any
 import numpy as np
 from numpy.lib import format as _npformat
 
-__all__ = ["dtype_from_text", "dtype_text", "memory_order"]
+__all__ = ["PIECE", "dtype_from_text", "dtype_text", "memory_order", "pieces"]
+
+#: bytes read, copied or sent in one step: well under MPI's 2**31 count limit, large enough that
+#: per-step costs vanish, small enough for progress lines and for overlapping a copy with its sending
+PIECE = 64 * 2**20
+
+
+def pieces(start: int, stop: int) -> list[tuple[int, int]]:
+    """``range(start, stop)`` cut into ranges of at most :data:`PIECE` bytes (local; pure)."""
+    return [(a, min(a + PIECE, stop)) for a in range(start, stop, PIECE)]
 
 
 def memory_order(a: np.ndarray) -> str:

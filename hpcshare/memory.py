@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PrivateMemory",
+    "check_room",
     "job_memory",
     "node_memory_total",
     "private_memory",
@@ -106,6 +107,37 @@ def job_memory(environ: Mapping[str, str] | None = None) -> tuple[int, str]:
 OTHERS_GROWTH = 1.5  #: the scheduler's and client's private memory before Dask starts, times this
 PER_RANK = 8 * MIB  #: each rank's supervisor and the host's watcher, per rank
 WORKER_FLOOR = 2.0  #: a worker's budget must be at least this many times what it uses before any task
+
+
+def check_room(config: JobConfig, need: int, what: str) -> None:
+    """Refuse ``need`` more bytes of node-shared memory on this host, before anything is allocated (local).
+
+    The one capacity policy, for inputs placed at launch and objects put
+    while the job runs: the shared-memory directory must have room (less
+    ``hpcshare.shm-headroom``), the bytes must fit in the memory the job may
+    use on this host (:func:`job_memory`: the machine, the cgroup, Slurm's
+    ``--mem``), and in the memory the host can still give now.
+    """
+    from dask.utils import format_bytes
+
+    from .errors import CapacityError
+    from .shm import check_capacity
+
+    check_capacity(config.shm_dir, need, config.shm_headroom, what)
+    limit, source = job_memory()
+    if need > limit:
+        raise CapacityError(
+            f"{what} need {format_bytes(need)} of memory on this host, more than the job may "
+            f"use here: {format_bytes(limit)}, {source}. Ask the batch system for more memory "
+            "per node (for example sbatch --mem), or use fewer or smaller inputs."
+        )
+    available = int(psutil.virtual_memory().available)
+    if need + config.shm_headroom > available:
+        raise CapacityError(
+            f"{what} need {format_bytes(need)} of memory on this host, but only "
+            f"{format_bytes(available)} is available now (plus {format_bytes(config.shm_headroom)} "
+            "kept free). Free objects you no longer need (hpcshare.free), or use fewer or smaller ones."
+        )
 
 
 def worker_memory_limit(topo: Topology, config: JobConfig, shared: int) -> int:

@@ -185,7 +185,7 @@ def test_the_placement_sweep_counts_the_bytes_each_way_of_reading_reads(tmp_path
         copies = nodes if mode == "per-node" else 1
         assert r["counted"] == copies * r["nbytes"], r  # the bytes the reads asked for
         assert copies * 0.95 <= r["rchar"] / r["file_size"] <= copies * 1.1, r  # what the kernel counted
-        assert r["exchanged"] == ((nodes - 1) * r["nbytes"] if mode == "collective" else 0), r
+        assert r["broadcast_bytes"] == ((nodes - 1) * r["nbytes"] if mode == "collective" else 0), r
     assert rows[("h5-gzip", 1, "collective")]["file_size"] < 8 * 2**20 / 2  # compressed
     text = (out / "placement.txt").read_text()
     assert "target: npy: bytes read per job <= 1.1x the file at every node count: met" in text, text

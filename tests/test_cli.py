@@ -328,12 +328,12 @@ def test_each_file_is_read_once_per_job_on_three_nodes_unless_per_node_is_asked(
     assert want in run.stdout
     assert "on 3 node(s)" in run.stderr
     assert "collective reading: 48.00 MiB read from files, 1.00x the file inputs" in run.stderr, run
-    assert "96.00 MiB exchanged" in run.stderr, run  # two other nodes' shares, to each of three nodes
+    assert "96.00 MiB between nodes" in run.stderr, run  # two other nodes' shares, to each of three nodes
     run = hpcshare(6, *args, "--read", "per-node")
     assert_clean_success(run)
     assert want in run.stdout
     assert "per-node reading: 144.00 MiB read from files, 3.00x the file inputs" in run.stderr, run
-    assert "exchanged" not in run.stderr, run
+    assert "between nodes" not in run.stderr, run  # nothing broadcast
 
 
 @pytest.mark.each_mpi

@@ -113,3 +113,27 @@ def test_an_input_larger_than_the_jobs_memory_is_refused_naming_the_limit(tmp_pa
     assert "more than the job may use here" in run.stderr, run
     assert "--mem-per-cpu (640 MiB) x 2 CPUs" in run.stderr, run
     assert run.stderr.count("error:") == 1, run
+
+
+def test_inputs_and_puts_are_refused_by_one_policy_naming_what_and_how_much(tmp_path):
+    import shutil
+
+    from hpcshare import CapacityError
+    from hpcshare.config import JobConfig
+    from hpcshare.memory import check_room, job_memory
+
+    config = JobConfig.from_options(shm_dir=str(tmp_path), shm_headroom=0)
+    check_room(config, 2**20, "1 MiB")  # room for that
+    limit, _ = job_memory()
+    with pytest.raises(
+        CapacityError, match=r"2 input\(s\) x 1 node\(s\) on this host need .* of shared memory"
+    ):
+        check_room(config, shutil.disk_usage(tmp_path).free + 2**30, "2 input(s) x 1 node(s) on this host")
+    if shutil.disk_usage(tmp_path).free < limit + 2**31:
+        pytest.skip(
+            f"{tmp_path} has less room than this machine's memory: the job-memory rule cannot be reached"
+        )
+    with pytest.raises(
+        CapacityError, match=r"hpcshare.put of a float64 array need .* more than the job may use"
+    ):
+        check_room(config, limit + 2**30, "hpcshare.put of a float64 array")

@@ -57,15 +57,15 @@ def test_the_crossover_follows_the_closed_form():
 
 def test_the_emulated_fit_recovers_known_costs():
     s = 512 * MIB
-    true = {"read": 0.6e-9, "exchange": 0.7e-9, "fixed": 0.1}
+    true = {"read": 0.6e-9, "broadcast": 0.7e-9, "fixed": 0.1}
     rows = []
     for n in (1, 2, 3, 4):
-        for read, exchanged in ((s, (n - 1) * s), (n * s, 0)):
+        for read, broadcast in ((s, (n - 1) * s), (n * s, 0)):
             rows.append(
-                (n, s, read, exchanged, true["read"] * read + true["exchange"] * exchanged + true["fixed"])
+                (n, s, read, broadcast, true["read"] * read + true["broadcast"] * broadcast + true["fixed"])
             )
     fit = fit_emulated(rows)
     assert abs(fit.read - true["read"]) < 1e-15
-    assert abs(fit.exchange - true["exchange"]) < 1e-15
+    assert abs(fit.broadcast - true["broadcast"]) < 1e-15
     assert abs(fit.fixed - true["fixed"]) < 1e-9
     assert fit.worst < 1e-6

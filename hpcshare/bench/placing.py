@@ -7,7 +7,7 @@ placement only, no Dask) and reports, for the whole job:
 
 - the bytes its ranks' reads asked for, and ``/proc/PID/io`` ``rchar``
   summed over the ranks (what the kernel counted; HDF5's compressed bytes);
-- the bytes the node leaders exchanged over MPI;
+- the bytes the node leaders received over MPI, in the broadcast of shares;
 - the time to ready: world rank 0's clock from the start of placement until
   every node holds the input.
 
@@ -57,10 +57,10 @@ class PlacementRow:
     file_size: int  #: the file's size on disk
     counted: int  #: bytes the ranks' reads asked for (HDF5: decompressed bytes)
     rchar: int  #: bytes the kernel counted as read by the ranks (/proc/PID/io)
-    exchanged: int  #: bytes the node leaders received from each other
+    broadcast_bytes: int  #: bytes the node leaders received from each other's broadcasts
     ready: float  #: seconds from the start of placement to every node holding the input
     read: float  #: seconds of the read step
-    between: float  #: seconds of the exchange step
+    broadcast: float  #: seconds of the broadcast step
     status: str = "ok"
 
 
@@ -133,14 +133,14 @@ def run_sweep(
 def format_rows(rows: Sequence[PlacementRow]) -> str:
     head = (
         f"{'format':8s} {'nodes':>5s} {'reading':10s} {'file':>11s} {'counted':>11s} {'rchar':>11s} "
-        f"{'x file':>6s} {'exchanged':>11s} {'ready s':>8s} {'read s':>7s} {'xchg s':>7s}"
+        f"{'x file':>6s} {'broadcast':>11s} {'ready s':>8s} {'read s':>7s} {'bcast s':>7s}"
     )
     lines = [head]
     for r in rows:
         lines.append(
             f"{r.format:8s} {r.nodes:5d} {r.mode:10s} {format_bytes(r.file_size):>11s} "
             f"{format_bytes(r.counted):>11s} {format_bytes(r.rchar):>11s} {r.rchar / max(r.file_size, 1):6.2f} "
-            f"{format_bytes(r.exchanged):>11s} {r.ready:8.2f} {r.read:7.2f} {r.between:7.2f}"
+            f"{format_bytes(r.broadcast_bytes):>11s} {r.ready:8.2f} {r.read:7.2f} {r.broadcast:7.2f}"
             + ("" if r.status == "ok" else f"  {r.status}")
         )
     return "\n".join(lines)
@@ -198,10 +198,10 @@ def bench_placement(nbytes: int, nodes: Sequence[int], out: Path, scratch: Path 
     for fmt in FORMATS:
         ok = [r for r in rows if r.format == fmt and r.status == "ok"]
         if len(ok) >= 5:  # three costs fitted: fewer rows would fit exactly and prove nothing
-            fit = fit_emulated([(r.nodes, r.nbytes, r.counted, r.exchanged, r.ready) for r in ok])
+            fit = fit_emulated([(r.nodes, r.nbytes, r.counted, r.broadcast_bytes, r.ready) for r in ok])
             lines.append(
                 f"model on this host ({fmt}): {fit.read * 2**30:.3f} s per GiB read, "
-                f"{fit.exchange * 2**30:.3f} s per GiB exchanged, {fit.fixed:.2f} s fixed; "
+                f"{fit.broadcast * 2**30:.3f} s per GiB broadcast, {fit.fixed:.2f} s fixed; "
                 f"worst error {100 * fit.worst:.0f}% (docs/scaling.md)"
             )
     text = "\n".join(lines)
@@ -245,10 +245,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             "nbytes": stats.nbytes,
             "counted": stats.file_bytes,
             "rchar": stats.rchar,
-            "exchanged": stats.exchanged,
+            "broadcast_bytes": stats.broadcast_bytes,
             "ready": stats.total,
             "read": stats.read,
-            "between": stats.broadcast,
+            "broadcast": stats.broadcast,
         }
         Path(args.out).write_text(json.dumps(figures))
     return 0

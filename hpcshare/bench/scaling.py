@@ -17,7 +17,7 @@ The model, for an input of S bytes on N nodes (every node ends with S):
 - a compressed input is decompressed where it is read: ``S / inflate`` per
   node per-node, ``(S / N) / inflate`` collective.
 
-Steps run one after another (no overlap of reading and exchanging).
+Steps run one after another (no overlap of reading and broadcasting).
 """
 
 from __future__ import annotations
@@ -110,15 +110,15 @@ class EmulatedFit:
     page is part of both."""
 
     read: float  #: per byte read from the file (the page cache here) into a window
-    exchange: float  #: per byte a leader received from another node into its window
+    broadcast: float  #: per byte a leader received from another node's broadcast into its window
     fixed: float  #: seconds, whatever the size
     worst: float  #: the largest relative error of the fit over the rows
 
 
 def fit_emulated(rows: Sequence[tuple[int, int, int, int, float]]) -> EmulatedFit:
     """Fit the model's cost structure on one host to rows of (nodes, input bytes, bytes read,
-    bytes exchanged, seconds): the emulated nodes share the host's cores and memory, so the time
-    is linear in the bytes read and the bytes exchanged over all nodes."""
+    bytes broadcast, seconds): the emulated nodes share the host's cores and memory, so the time
+    is linear in the bytes read and the bytes broadcast over all nodes."""
     gib = 2.0**30
     a = np.array([[r / gib, x / gib, 1.0] for _, _, r, x, _ in rows], dtype=float)
     t = np.array([row[4] for row in rows], dtype=float)

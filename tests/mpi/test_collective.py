@@ -69,8 +69,8 @@ def every_nodes_copy(client, inputs):
     return out
 
 
-@pytest.mark.parametrize(("mode", "reads", "exchanges"), [("collective", 1, 2), ("per-node", 3, 0)])
-def test_every_node_holds_the_files_bytes(comm, shared_dir, on_rank0, mode, reads, exchanges):
+@pytest.mark.parametrize(("mode", "reads", "received"), [("collective", 1, 2), ("per-node", 3, 0)])
+def test_every_node_holds_the_files_bytes(comm, shared_dir, on_rank0, mode, reads, received):
     """Collective: every byte of every file read once in the job, each node receiving the other two
     nodes' shares. Per-node: every node reads every byte."""
     arrays: dict[str, np.ndarray] = {}
@@ -84,7 +84,7 @@ def test_every_node_holds_the_files_bytes(comm, shared_dir, on_rank0, mode, read
     assert placed.n_nodes == 3 and placed.read_mode == mode
     one_copy = sum(a.nbytes for a in arrays.values())
     assert placed.file_bytes == reads * one_copy
-    assert placed.exchanged == exchanges * one_copy
+    assert placed.broadcast_bytes == received * one_copy
     if comm.rank == 1:
         for name, a in arrays.items():
             assert result[name] == [expected_digest(a)] * 4, name  # client + three workers
