@@ -13,6 +13,7 @@ __all__ = [
     "HpcshareError",
     "InputError",
     "JobFailed",
+    "NotPythonFile",
     "ResolveError",
     "TopologyError",
     "WaitTimeout",
@@ -46,6 +47,10 @@ class InputError(HpcshareError, ValueError):
         else:
             failure = f"{type(exc).__name__}: {exc}"
         return cls(f"input {name!r}: {what} {failure} (at {tb.filename}:{tb.lineno})")
+
+
+class NotPythonFile(HpcshareError, ImportError):
+    """A path given as Python code has no suffix Python can import (``.py``)."""
 
 
 class CapacityError(HpcshareError, MemoryError):

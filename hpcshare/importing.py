@@ -9,23 +9,19 @@ from collections.abc import Callable, Mapping
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from .errors import ConfigError
+from .errors import ConfigError, NotPythonFile
 
 if TYPE_CHECKING:
     from distributed import Client
 
     from .handles import Handle
 
-__all__ = ["JOB_MODULE", "MainFunction", "NotPythonFile", "import_file", "load_main"]
+__all__ = ["JOB_MODULE", "MainFunction", "import_file", "load_main"]
 
 MainFunction = Callable[["Client", Mapping[str, "Handle"]], Any]
 
 #: the module name a JOBFILE is imported as, on every rank
 JOB_MODULE = "hpcshare_job"
-
-
-class NotPythonFile(ImportError):
-    """The path given as Python code has no suffix Python can import (``.py``)."""
 
 
 def import_file(path: str, module_name: str) -> ModuleType:
