@@ -24,6 +24,7 @@ from .errors import (
     ResolveError,
     TopologyError,
 )
+from .frames import dask_dataframe
 from .handles import ArrayHandle, Handle, ObjectHandle
 from .loaders import Fill
 from .runtime import run
@@ -43,6 +44,7 @@ __all__ = [
     "TopologyError",
     "__version__",
     "dask_array",
+    "dask_dataframe",
     "free",
     "put",
     "run",

@@ -493,14 +493,14 @@ def _array_ranges(values: Any) -> list[tuple[int, int]]:
     """The buffers of one pandas array (NumPy-backed, masked, Arrow-backed, categorical)."""
     if isinstance(values, np.ndarray):
         return _ndarray_range(values)
+    arrow = getattr(values, "_pa_array", None)
+    if arrow is not None:  # Arrow-backed (strings too)
+        return _arrow_ranges(arrow)
     ranges: list[tuple[int, int]] = []
-    for attr in ("_ndarray", "_data", "_mask", "_codes"):
+    for attr in ("_ndarray", "_data", "_mask"):  # NumPy-backed, datetimes, categorical codes, masked
         inner = getattr(values, attr, None)
         if isinstance(inner, np.ndarray):
             ranges += _ndarray_range(inner)
-    arrow = getattr(values, "_pa_array", None)
-    if arrow is not None:
-        ranges += _arrow_ranges(arrow)
     categories = getattr(getattr(values, "dtype", None), "categories", None)
     if categories is not None:
         ranges += _array_ranges(categories.array)

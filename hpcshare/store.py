@@ -296,6 +296,12 @@ def _hand_out(obj: Any) -> None:
     _handed_out[key] = weakref.ref(obj, forget)
 
 
+def count_as_shared(obj: Any) -> None:
+    """Have Dask's sizeof count ``obj``, a view of a node-shared object, as small until it is dropped (local)."""
+    _wrap_sizeof(type(obj))
+    _hand_out(obj)
+
+
 def remember(name: str, generation: str, obj: Any) -> None:
     """Cache ``obj`` (decoded over this node's file) as what ``name`` resolves to here (local)."""
     with _lock:

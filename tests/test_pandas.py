@@ -7,38 +7,16 @@ file under pandas 2.x and 3.x (``pytest -m dataframe``).
 
 from __future__ import annotations
 
-import itertools
-import uuid
-
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
 
-from hpcshare import InputError, ObjectHandle, codec, store
+from hpcshare import InputError, codec, store
 
 pytestmark = pytest.mark.dataframe
 
 PANDAS_MAJOR = int(pd.__version__.split(".")[0])
-
-
-@pytest.fixture
-def put(tmp_path):
-    """``put(obj)``: hold ``obj`` in a node file of a job this process has joined; its handle."""
-    generation = uuid.uuid4().hex[:12]
-    names = itertools.count()
-    with store.Joined(str(tmp_path), 0, generation, owner=True):
-
-        def put(obj):
-            enc = codec.encode(obj)
-            name = f"t{next(names)}"
-            mm = store.create(store.path_of(name), enc.nbytes, "test")
-            with memoryview(mm) as dest:
-                enc.write_into(dest)
-            store.close_writable(mm)
-            return ObjectHandle(name, generation, enc.kind, enc.nbytes, enc.summary)
-
-        yield put
 
 
 def frame(n: int = 400) -> pd.DataFrame:
