@@ -178,7 +178,7 @@ class Exchange:
     def put_source(self, source: TableSource) -> Handle:
         """Place a launch-time table input; an Arrow IPC file read as a table goes in as its bytes."""
         try:
-            if source.as_table and source.arrow_file:
+            if source.file_bytes_shared():
                 return self.put_encoded(codec.encode_arrow_file(source.path))
             return self.put_encoded(codec.encode(source.load()))
         except (codec.Refused, CapacityError) as exc:

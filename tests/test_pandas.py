@@ -182,3 +182,12 @@ def test_pandas_operations_give_what_they_give_on_a_private_frame_and_leave_the_
     else:
         pd.testing.assert_series_equal(got, expected)
     pd.testing.assert_frame_equal(h.resolve(), before)
+
+
+def test_a_handle_used_as_the_data_says_call_resolve(put):
+    h = put(frame(10))
+    for use in (lambda: h["x"], lambda: h.sum(), lambda: h.loc, lambda: np.asarray(h)):
+        with pytest.raises(TypeError, match=r"call \.resolve\(\)"):
+            use()
+    assert not hasattr(h, "columns")  # hasattr stays False: the error is an AttributeError too
+    assert h.resolve()["x"].sum() == frame(10)["x"].sum()  # the handle itself still works
