@@ -21,10 +21,12 @@ from .errors import (
     HpcshareError,
     InputError,
     JobFailed,
+    NotShareable,
     ResolveError,
     TopologyError,
     WaitTimeout,
 )
+from .frames import dask_dataframe
 from .handles import ArrayHandle, Handle, ObjectHandle
 from .loaders import Fill
 from .runtime import run
@@ -39,12 +41,14 @@ __all__ = [
     "HpcshareError",
     "InputError",
     "JobFailed",
+    "NotShareable",
     "ObjectHandle",
     "ResolveError",
     "TopologyError",
     "WaitTimeout",
     "__version__",
     "dask_array",
+    "dask_dataframe",
     "free",
     "put",
     "run",

@@ -6,7 +6,7 @@
 - :func:`idle_startup_comm`: the one shim over dask-mpi, so its start-up
   handshake waits idle and bounded instead of spinning a core per rank.
 - :class:`ViewGuard`: a worker plugin that warns when a task returns a view
-  of a shared input.
+  of a shared input, or a pandas or Arrow object over a node-shared one.
 - :func:`quiet_dask_logs`: silence the tracebacks Dask logs while its comms close.
 """
 
@@ -97,7 +97,10 @@ class ViewGuard(WorkerPlugin):
         if finish != "memory":
             return
         value = self._result(key)
-        if not isinstance(value, np.ndarray) or value.nbytes == 0:
+        if not isinstance(value, np.ndarray):
+            self._check_table(key, value)
+            return
+        if value.nbytes == 0:
             return
         if getattr(value, "_hpcshare_ref", None) is not None:
             return  # a dask_array chunk: it travels as a reference
@@ -111,6 +114,31 @@ class ViewGuard(WorkerPlugin):
                     RuntimeWarning,
                     stacklevel=1,
                 )
+
+    def _check_table(self, key: Any, value: Any) -> None:
+        """Warn once per worker when a task's pandas or Arrow result views a node-shared object.
+
+        Tasks of ``client.submit``, ``map`` and ``delayed``; not the partitions of
+        dask collections (``dask_dataframe`` and what is computed from it).
+        """
+        from .frames import is_partition
+
+        kind = type(value).__module__.split(".")[0]
+        if kind not in ("pandas", "pyarrow") or "table" in self.warned:
+            return
+        if isinstance(key, tuple):  # a partition of a dask collection: its next task reads it here
+            return
+        if is_partition(value) or not store.views_node_memory(value):
+            return  # dask_dataframe's partitions are meant to be views (counted small)
+        self.warned.add("table")
+        warnings.warn(
+            f"task {key!r} returned a {type(value).__name__} that views a node-shared object: "
+            "Dask copies it whenever it moves it (to another worker, to the client) and may count "
+            "it as this worker's memory. Return a derived result (an aggregate, a filtered copy), "
+            "or .copy() if a private copy is meant.",
+            RuntimeWarning,
+            stacklevel=1,
+        )
 
     def _result(self, key: Any) -> Any:
         data = getattr(self.worker.data, "fast", self.worker.data)
@@ -247,7 +275,7 @@ def client_main(
         client.register_plugin(ViewGuard(), name=ViewGuard.name)
         hint = _dashboard_hint(client, config.dashboard_address)
         if not config.quiet or "warning" in hint:
-            print(hint, flush=True)
+            print(hint, file=sys.stderr, flush=True)
         return _call_main(main, client, handles)
     except Exception as exc:
         return None, exc

@@ -15,7 +15,11 @@ bytes (the node's shared file) without copying a data buffer.
 - Arrow: the Arrow IPC stream format, read back with zero-copy buffer views.
 
 Python objects (object-dtype columns, Python-backed strings) cannot live in
-shared memory; :func:`encode` refuses them, naming the column.
+shared memory; :func:`encode` refuses them, naming every such column (and
+index) in one error, each with the fix for what it holds. The exception:
+categoricals whose categories are Python strings (pandas 2's
+``pd.Categorical(strings)``) are shared with the same codes and an
+Arrow-backed (``string[pyarrow]``) category index.
 
 Imports nothing from MPI, pandas or pyarrow at module level.
 """
@@ -33,18 +37,14 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InputError
+from .errors import NotShareable
 from .layout import PIECE, dtype_from_text, dtype_text, memory_order
 
-__all__ = ["ALIGN", "Encoded", "Refused", "decode", "describe", "encode"]
+__all__ = ["ALIGN", "Encoded", "decode", "describe", "encode"]
 
 ALIGN = 64  # every buffer starts at a multiple of this (cache lines, AVX-512 loads, Arrow's own)
 _MAGIC = b"HPCSHR01"
 _PREFIX = struct.Struct("<8sQ")  # magic, header length
-
-
-class Refused(InputError, TypeError):
-    """An object, or a column of it, that cannot be held in shared memory."""
 
 
 def _align(n: int) -> int:
@@ -119,7 +119,7 @@ def _build(kind: str, meta: dict[str, Any], sizes: list[int], writers: list[Any]
 
 def _check_ndarray(a: np.ndarray, where: str) -> None:
     if a.dtype.hasobject:
-        raise Refused(
+        raise NotShareable(
             f"{where} has dtype {a.dtype}: Python objects cannot live in shared memory. "
             "Convert it to a fixed-size dtype (numbers, bool, datetime64, fixed-width bytes or str)."
         )
@@ -171,11 +171,42 @@ def _view_as(values: np.ndarray, dtype: Any) -> np.ndarray:
     return values.view(dtype)
 
 
+def _categorical(codes: np.ndarray, categories: Any, ordered: bool) -> Any:
+    """Unpickling: a Categorical over shared codes and an Arrow-backed category index (no copy)."""
+    import pandas as pd
+
+    dtype = pd.CategoricalDtype(categories, ordered=ordered)
+    return pd.Categorical.from_codes(codes, dtype=dtype, validate=False)
+
+
+def _same(obj: Any) -> Any:
+    return obj
+
+
+def _writable_view(a: np.ndarray) -> np.ndarray | None:
+    """A writable view of ``a`` if its memory is writable, else None."""
+    view = a.view()
+    try:
+        view.flags.writeable = True
+    except ValueError:
+        return None
+    return view
+
+
 class _OutOfBandPickler(pickle.Pickler):
-    """Protocol 5 with buffers out of band, datetime-like ones included."""
+    """Protocol 5 with buffers out of band, datetime-like ones included.
+
+    A Categorical whose categories are Python strings (pandas 2's
+    ``pd.Categorical(strings)``) is pickled with the same codes and its
+    categories as an Arrow-backed string index, which can be shared.
+    """
 
     def reducer_override(self, obj: Any) -> Any:
         if type(obj) is np.ndarray:
+            if not obj.flags.writeable and obj.size and not obj.dtype.hasobject:
+                writable = _writable_view(obj)  # a read-only view of writable memory (Categorical.codes)
+                if writable is not None:  # would be loaded read-only: pandas 2 could not write into it
+                    return _same, (writable,)
             if obj.dtype.kind in "mM":
                 return _view_as, (obj.view(np.int64), obj.dtype)
             if (
@@ -184,36 +215,107 @@ class _OutOfBandPickler(pickle.Pickler):
                 and not (obj.flags.c_contiguous or obj.flags.f_contiguous)
             ):
                 return np.ascontiguousarray, (np.ascontiguousarray(obj),)
+        elif type(obj).__name__ == "Categorical" and _python_strings(obj.categories):
+            arrow = obj.categories.astype(ARROW_STRING)
+            return _categorical, (obj.codes, arrow, obj.ordered)
         return NotImplemented
 
 
-def _check_pandas_values(values: Any, where: str) -> None:
-    """Refuse a column (or index) whose values are Python objects; name it."""
+ARROW_STRING = "string[pyarrow]"  #: the string dtype pandas 2 and 3 share without Python objects
+
+
+def _python_strings(values: Any) -> bool:
+    """Whether ``values`` (an Index or array) holds Python str objects only (object or python-string dtype)."""
+    import pandas as pd
+
+    dtype = values.dtype
+    if isinstance(dtype, pd.StringDtype):
+        return dtype.storage == "python"
+    return (
+        isinstance(dtype, np.dtype)
+        and dtype.hasobject
+        and pd.api.types.infer_dtype(values, skipna=False) == "string"
+    )
+
+
+# what to write for an object-dtype column, by what pandas infers it holds ({0}: the column)
+_OBJECT_FIXES = {
+    "string": "{0}.astype('string[pyarrow]')",
+    "bytes": "{0}.astype(pd.ArrowDtype(pa.binary()))",
+    "integer": "{0}.astype('Int64')",
+    "integer-na": "{0}.astype('Int64')",
+    "floating": "{0}.astype('Float64')",
+    "mixed-integer-float": "{0}.astype('Float64')",
+    "boolean": "{0}.astype('boolean')",
+    "date": "{0}.astype(pd.ArrowDtype(pa.date32()))",
+    "datetime": "pd.to_datetime({0}, utc=True)",
+    "decimal": "{0}.astype(pd.ArrowDtype(pa.decimal128(38, 9)))  (your precision and scale)",
+    "empty": "{0}.astype('float64')  (it holds only missing values)",
+}
+
+
+def _object_fix(values: Any, target: str) -> str:
+    """The fix for an object-dtype column, index or level: what to assign to ``target``."""
+    import pandas as pd
+
+    kind = pd.api.types.infer_dtype(values, skipna=True)
+    if kind in _OBJECT_FIXES:
+        return f"{target} = {_OBJECT_FIXES[kind].format(target)}"
+    first = next((v for v in values if v is not None), None)
+    if kind == "mixed" and isinstance(first, dict | list | tuple):
+        return f"{target} = pd.arrays.ArrowExtensionArray(pa.array({target}.tolist()))  (Arrow structs and lists)"
+    return (
+        f"give it one type (e.g. {target} = {target}.astype('string[pyarrow]') for text), or leave it "
+        "out of the shared frame (.drop(columns=...)); it holds " + kind
+    )
+
+
+def _refusal(values: Any, where: str, target: str) -> str | None:
+    """Why a column (or index, or level) cannot be shared, with the fix for its dtype; None if it can."""
     import pandas as pd
 
     dtype = values.dtype
     if isinstance(dtype, np.dtype):
         if dtype.hasobject:
-            raise Refused(
-                f"{where} has dtype object: Python objects cannot live in shared memory. "
-                f"Convert it first, e.g. .astype('string[pyarrow]') for text or a numeric dtype."
-            )
-        return
+            return f"{where} has dtype object (Python objects): {_object_fix(values, target)}"
+        return None
     if isinstance(dtype, pd.CategoricalDtype):
-        _check_pandas_values(dtype.categories, f"the categories of {where}")
-    elif isinstance(dtype, pd.StringDtype):
+        return _categories_refusal(dtype.categories, where, target)
+    if isinstance(dtype, pd.StringDtype):
         if dtype.storage == "python":
-            raise Refused(
-                f"{where} has dtype {dtype!r} backed by Python str objects, which cannot live in "
-                "shared memory. Use the Arrow-backed string dtype: .astype('string[pyarrow]') "
-                "(install pyarrow: pip install 'hpcshare[dataframe]')."
+            return (
+                f"{where} has dtype {dtype!r} backed by Python str objects: "
+                f"{target} = {target}.astype('string[pyarrow]')"
             )
-    elif isinstance(dtype, pd.IntervalDtype | pd.SparseDtype):
+        return None
+    if isinstance(dtype, pd.IntervalDtype | pd.SparseDtype):
         sub = dtype.subtype
         if sub is not None and np.dtype(sub).hasobject:
-            raise Refused(f"{where} has dtype {dtype}, over Python objects: not shareable")
-    elif not isinstance(dtype, _zero_copy_dtypes()):
-        raise Refused(f"{where} has dtype {dtype!r}, which hpcshare cannot share")
+            return f"{where} has dtype {dtype}, over Python objects: convert its values to numbers"
+        return None
+    if not isinstance(dtype, _zero_copy_dtypes()):
+        return (
+            f"{where} has dtype {dtype!r}, which hpcshare cannot share: convert it to a NumPy or Arrow dtype"
+        )
+    return None
+
+
+def _categories_refusal(categories: Any, where: str, target: str) -> str | None:
+    """Why a categorical's categories cannot be shared; None for numbers, datetimes and strings."""
+    import pandas as pd
+
+    if _python_strings(categories):
+        return None  # shared as an Arrow-backed index (see _OutOfBandPickler)
+    if isinstance(categories.dtype, np.dtype) and categories.dtype.hasobject:
+        kind = pd.api.types.infer_dtype(categories, skipna=True)
+        return (
+            f"{where} is a categorical whose categories are Python objects ({kind}): make them "
+            f"strings or numbers, e.g. {target} = {target}.cat.rename_categories("
+            f"{target}.cat.categories.astype(str))"
+        )
+    if isinstance(categories.dtype, np.dtype):
+        return None
+    return _refusal(categories, f"the categories of {where}", f"{target}.cat.categories")
 
 
 def _zero_copy_dtypes() -> tuple[type, ...]:
@@ -224,26 +326,44 @@ def _zero_copy_dtypes() -> tuple[type, ...]:
     return (BaseMaskedDtype, pd.ArrowDtype, pd.DatetimeTZDtype, pd.PeriodDtype)
 
 
-def _check_index(index: Any, what: str) -> None:
+def _index_refusals(index: Any, what: str, target: str) -> list[str | None]:
     import pandas as pd
 
     if isinstance(index, pd.MultiIndex):
-        for i, level in enumerate(index.levels):
-            _check_pandas_values(level, f"level {i} of the {what}")
-    elif not isinstance(index, pd.RangeIndex):
-        _check_pandas_values(index, f"the {what}")
+        return [
+            None
+            if _refusal(level, "", "") is None
+            else (
+                f"level {i} of the {what} has dtype {level.dtype} (Python objects): e.g. for text "
+                f"{target} = {target}.set_levels({target}.levels[{i}].astype('string[pyarrow]'), level={i})"
+            )
+            for i, level in enumerate(index.levels)
+        ]
+    if isinstance(index, pd.RangeIndex):
+        return []
+    return [_refusal(index, f"the {what}", target)]
 
 
 def _check_pandas(obj: Any) -> None:
+    """Refuse a frame or Series with columns (or index) of Python objects, naming every one with its fix."""
     import pandas as pd
 
     if isinstance(obj, pd.DataFrame):
-        for i, (name, col) in enumerate(obj.items()):
-            _check_pandas_values(col, f"column {name!r} (position {i})")
-        _check_index(obj.index, "index")
+        problems = [
+            _refusal(col, f"column {name!r} (position {i})", f"df[{name!r}]")
+            for i, (name, col) in enumerate(obj.items())
+        ]
+        problems += _index_refusals(obj.index, "index", "df.index")
     else:
-        _check_pandas_values(obj, f"Series {obj.name!r}")
-        _check_index(obj.index, "index")
+        problems = [_refusal(obj, f"Series {obj.name!r}", "s")]
+        problems += _index_refusals(obj.index, "index", "s.index")
+    found = [p for p in problems if p is not None]
+    if found:
+        what = f"{type(obj).__name__} {' x '.join(map(str, obj.shape))}"
+        raise NotShareable(
+            f"cannot share this {what}: Python objects cannot live in shared memory; "
+            f"{len(found)} part(s) hold them. Fix each, then put it again:\n  " + "\n  ".join(found)
+        )
 
 
 def _encode_pandas(obj: Any) -> Encoded:
@@ -349,6 +469,65 @@ def _decode_arrow_file(header: dict[str, Any], buf: memoryview) -> Any:
     return pa.ipc.open_file(pa.py_buffer(buf[offset : offset + size])).read_all()
 
 
+# --- where an object's data lies --------------------------------------------------
+
+
+def buffer_ranges(obj: Any) -> list[tuple[int, int]]:
+    """(address, bytes) of the data buffers of a NumPy array, pandas object or Arrow object (local).
+
+    pandas: every column's arrays and the index's; Arrow: every buffer of
+    every chunk. Other objects: none. Nothing is copied.
+    """
+    kind = _kind(obj)
+    if kind == "ndarray":
+        return _ndarray_range(obj)
+    if kind == "pandas":
+        import pandas as pd
+
+        frame = obj.to_frame() if isinstance(obj, pd.Series) else obj
+        ranges = [r for _, col in frame.items() for r in _array_ranges(col.array)]
+        return ranges + _array_ranges(obj.index.array)
+    if kind == "arrow":
+        return _arrow_ranges(obj)
+    return []
+
+
+def _ndarray_range(a: np.ndarray) -> list[tuple[int, int]]:
+    if not a.nbytes:
+        return []
+    from numpy.lib.array_utils import byte_bounds
+
+    lo, hi = byte_bounds(a)
+    return [(lo, hi - lo)]
+
+
+def _array_ranges(values: Any) -> list[tuple[int, int]]:
+    """The buffers of one pandas array (NumPy-backed, masked, Arrow-backed, categorical)."""
+    if isinstance(values, np.ndarray):
+        return _ndarray_range(values)
+    arrow = getattr(values, "_pa_array", None)
+    if arrow is not None:  # Arrow-backed (strings too)
+        return _arrow_ranges(arrow)
+    ranges: list[tuple[int, int]] = []
+    for attr in ("_ndarray", "_data", "_mask"):  # NumPy-backed, datetimes, categorical codes, masked
+        inner = getattr(values, attr, None)
+        if isinstance(inner, np.ndarray):
+            ranges += _ndarray_range(inner)
+    categories = getattr(getattr(values, "dtype", None), "categories", None)
+    if categories is not None:
+        ranges += _array_ranges(categories.array)
+    return ranges
+
+
+def _arrow_ranges(obj: Any) -> list[tuple[int, int]]:
+    import pyarrow as pa
+
+    if isinstance(obj, pa.Table | pa.RecordBatch):
+        return [r for col in obj.columns for r in _arrow_ranges(col)]
+    chunks = obj.chunks if isinstance(obj, pa.ChunkedArray) else [obj]
+    return [(b.address, b.size) for c in chunks for b in c.buffers() if b is not None and b.size]
+
+
 # --- the entry points --------------------------------------------------------------
 
 
@@ -393,12 +572,12 @@ def encode(obj: Any) -> Encoded:
 
     Raises
     ------
-    Refused
+    NotShareable
         For a type hpcshare cannot share, or a column of Python objects.
     """
     kind = _kind(obj)
     if kind is None:
-        raise Refused(
+        raise NotShareable(
             f"cannot share {describe(obj)}: hpcshare.put takes a NumPy array, a pandas "
             "DataFrame or Series, or a pyarrow Table, RecordBatch or Array "
             "(pandas and pyarrow: pip install 'hpcshare[dataframe]'). Python objects "

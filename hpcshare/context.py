@@ -62,6 +62,10 @@ class JobContext:
     handed_out: dict[int, weakref.ref[Any]] = dataclasses.field(default_factory=dict)
     #: this process's read-only maps of node files
     maps: weakref.WeakSet[mmap.mmap] = dataclasses.field(default_factory=weakref.WeakSet)
+    #: id -> (weak reference, handle) of objects this process put (to warn when one is put twice)
+    puts: dict[int, tuple[weakref.ref[Any], Any]] = dataclasses.field(default_factory=dict)
+    #: id -> weak reference of dask_dataframe partitions made here (the view guard does not warn of them)
+    partitions: dict[int, weakref.ref[Any]] = dataclasses.field(default_factory=dict)
     #: what to undo when the job ends, in reverse order (patches to Dask)
     undo: list[Callable[[], None]] = dataclasses.field(default_factory=list)
 
@@ -78,6 +82,8 @@ class JobContext:
             self.objects.clear()
             self.stored.clear()
             self.handed_out.clear()
+            self.puts.clear()
+            self.partitions.clear()
         self.exchange = None
 
 

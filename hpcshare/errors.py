@@ -14,6 +14,7 @@ __all__ = [
     "InputError",
     "JobFailed",
     "NotPythonFile",
+    "NotShareable",
     "ResolveError",
     "TopologyError",
     "WaitTimeout",
@@ -51,6 +52,10 @@ class InputError(HpcshareError, ValueError):
 
 class NotPythonFile(HpcshareError, ImportError):
     """A path given as Python code has no suffix Python can import (``.py``)."""
+
+
+class NotShareable(InputError, TypeError):
+    """An object, or columns of it, that cannot be held in shared memory (Python objects); names each."""
 
 
 class CapacityError(HpcshareError, MemoryError):

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 from dask.utils import format_bytes
 
 from . import codec, context, store, sync
-from .errors import CapacityError, HpcshareError
+from .errors import CapacityError, HpcshareError, NotShareable
 from .handles import ArrayHandle, Handle, ObjectHandle
 from .layout import memory_order, pieces
 from .log import logger
@@ -173,10 +173,10 @@ class Exchange:
     def put_source(self, source: TableSource) -> Handle:
         """Place a launch-time table input; an Arrow IPC file read as a table goes in as its bytes."""
         try:
-            if source.as_table and source.arrow_file:
+            if source.file_bytes_shared():
                 return self.put_encoded(codec.encode_arrow_file(source.path))
             return self.put_encoded(codec.encode(source.load()))
-        except (codec.Refused, CapacityError) as exc:
+        except (NotShareable, CapacityError) as exc:
             raise type(exc)(f"input {source.name!r} ({source.text}): {exc}") from exc
 
     def put_encoded(self, enc: codec.Encoded) -> Handle:

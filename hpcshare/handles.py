@@ -21,6 +21,16 @@ from .layout import dtype_from_text, dtype_text
 __all__ = ["ArrayHandle", "Handle", "ObjectHandle"]
 
 
+_USE_RESOLVE = (
+    "a handle is a name for the data, not the data: call .resolve() in the task to get "
+    "the object (data = h.resolve()), then use it"
+)
+
+
+class NotTheData(AttributeError, TypeError):
+    """A handle used as if it were the data (an AttributeError too, so ``hasattr`` stays False)."""
+
+
 class Handle:
     """A small, picklable name for one object held once per node.
 
@@ -42,6 +52,12 @@ class Handle:
 
     def __dask_tokenize__(self) -> tuple[str, ...]:
         return ("hpcshare.Handle", self.name, self.generation)
+
+    def __getattr__(self, attr: str) -> Any:
+        # only for names a handle does not have: h.sum(), h.columns, h.loc
+        if attr.startswith("_"):
+            raise AttributeError(attr)
+        raise NotTheData(f"{self!r} has no .{attr}: {_USE_RESOLVE}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,6 +181,14 @@ class ObjectHandle(Handle):
             :func:`hpcshare.free`.
         """
         return store.attach_object(self)
+
+    def __getitem__(self, key: Any) -> Any:
+        raise TypeError(f"{self!r}[{key!r}]: {_USE_RESOLVE} (h.resolve()[{key!r}])")
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> Any:
+        raise TypeError(
+            f"numpy.asarray({self!r}): {_USE_RESOLVE}; for a DataFrame column, h.resolve()[col].to_numpy()"
+        )
 
     def __repr__(self) -> str:
         return f"ObjectHandle({self.name!r}, {self.summary}, nbytes={self.nbytes})"

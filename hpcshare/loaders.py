@@ -18,6 +18,7 @@ import inspect
 import math
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -462,6 +463,36 @@ class TableSource:
     def arrow_file(self) -> bool:
         return self.path.lower().endswith(ARROW_FILE_SUFFIXES)
 
+    def file_bytes_shared(self) -> bool:
+        """Whether the file's bytes go into shared memory as they are (local, on the reading rank).
+
+        True for an uncompressed Arrow IPC file read as a table. A compressed
+        one (Feather's default, lz4) is warned about: it is decompressed on
+        the reading rank, not zero-copy from the file.
+        """
+        if not self.arrow_file:
+            return False
+        try:
+            compressed = arrow_file_compressed(self.path)
+        except Exception as exc:
+            raise self._fail(exc) from exc
+        if compressed:
+            then = (
+                "and shared decompressed"
+                if self.as_table
+                else "before it is made a DataFrame (as a table input, path:table, its bytes would be shared as they are)"
+            )
+            warnings.warn(
+                f"input {self.name!r}: {self.path} is a compressed Arrow/Feather file (lz4 or zstd, "
+                f"Feather's default): it is decompressed on the reading rank {then}, not zero-copy "
+                "from the file. Write it uncompressed to share its bytes as they are: "
+                "df.to_feather(path, compression='uncompressed') or "
+                "pyarrow.feather.write_feather(table, path, compression='uncompressed').",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return self.as_table and not compressed
+
     def _fail(self, exc: BaseException) -> InputError:
         return InputError(f"input {self.name!r} ({self.text}): {type(exc).__name__}: {exc}")
 
@@ -507,6 +538,26 @@ class TableSource:
         if self.as_table:
             return table
         return table.to_pandas()
+
+
+def arrow_file_compressed(path: str) -> bool:
+    """Whether the Arrow IPC file at ``path`` has compressed buffers (read from its first batch) (local)."""
+    import pyarrow as pa
+
+    with pa.memory_map(path) as f:
+        reader = pa.ipc.open_file(f)
+        if reader.num_record_batches == 0:
+            return False
+        f.seek(0)
+        whole = f.read_buffer()  # the map itself, no copy
+        lo, hi = whole.address, whole.address + whole.size
+        batch = reader.get_batch(0)
+        return any(
+            not (lo <= b.address < hi)
+            for column in batch.columns
+            for b in column.buffers()
+            if b is not None and b.size
+        )
 
 
 def table_source_for(name: str, text: Any) -> TableSource | None:

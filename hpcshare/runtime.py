@@ -14,9 +14,12 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 import uuid
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
+
+from dask.utils import format_bytes
 
 from . import context, ending, shm, store, sync
 from .cluster import DaskCluster
@@ -26,9 +29,9 @@ from .exchange import Exchange, collective_phase
 from .handles import Handle
 from .importing import MainFunction, load_main
 from .loaders import Source, TableSource, source_for, table_source_for
-from .log import install_handler
+from .log import install_handler, logger
 from .memory import worker_memory_limit
-from .placement import PlacementStats, place_inputs
+from .placement import Placement, PlacementStats, place_inputs
 from .report import print_report
 from .topology import CLIENT_RANK, Topology, check_world
 
@@ -94,27 +97,49 @@ def _place_tables(
     placed: dict[str, Handle] | None = None
     with sync.Collective(topo.world, timeout=config.placement_timeout):  # reading the tables
         if topo.rank == CLIENT_RANK:
-            placed = {t.name: exchange.put_source(t) for t in tables}
+            placed = {t.name: _place_table(exchange, t, topo.n_nodes, config.quiet) for t in tables}
     result: dict[str, Handle] = sync.bcast(topo.world, placed, root=CLIENT_RANK)
     return result
 
 
+def _place_table(exchange: Exchange, table: TableSource, n_nodes: int, quiet: bool) -> Handle:
+    """Read one table input and put it once per node, with a progress line (local, on the client rank)."""
+    t = time.perf_counter()
+    handle = exchange.put_source(table)
+    if not quiet:
+        summary = getattr(handle, "summary", "")
+        logger.info(
+            f"placed table input {table.name!r} ({table.text}: {summary}, "
+            f"{format_bytes(getattr(handle, 'nbytes', 0))} per node) on {n_nodes} node(s) "
+            f"in {time.perf_counter() - t:.1f} s"
+        )
+    return handle
+
+
 def _end_of_job_report(
     topo: Topology,
-    nbytes: int,
-    n_inputs: int,
+    placement: Placement,
+    tables: Mapping[str, Handle],
     config: JobConfig,
     generation: str,
     error: BaseException | None,
 ) -> None:
-    """The memory report; a rank that does not arrive in time ends the job (collective on world)."""
+    """The memory report; a rank that does not arrive in time ends the job (collective on world).
+
+    Table inputs (``x.parquet``, ``x.arrow:table``) are inputs in the report, though
+    they are held as put objects are.
+    """
+    table_files = {store.file_name(generation, h.name, topo.node_index) for h in tables.values()}
     objects = 0
     if topo.is_leader:  # the objects put while the job ran, still on this node
         objects = sum(
-            os.path.getsize(p) for p in store.node_files(config.shm_dir, generation, topo.node_index)
+            os.path.getsize(p)
+            for p in store.node_files(config.shm_dir, generation, topo.node_index)
+            if os.path.basename(p) not in table_files
         )
+    nbytes = placement.nbytes + sum(getattr(h, "nbytes", 0) for h in tables.values())
     try:
-        print_report(topo, nbytes, n_inputs, config, objects)
+        print_report(topo, nbytes, len(placement.inputs) + len(tables), config, objects)
     except sync.WaitTimeout as exc:
         if error is not None:
             print(f"hpcshare: error: {error}", file=sys.stderr, flush=True)
@@ -203,7 +228,8 @@ def _run(
             with sync.Collective(world, timeout=config.timeout):
                 on_placed(placement.stats)
         exchange = stack.enter_context(Exchange(topo, config, generation))  # hpcshare.put from here on
-        handles = {**placement.handles, **_place_tables(topo, exchange, tables, config)}
+        tables_placed = _place_tables(topo, exchange, tables, config)
+        handles = {**placement.handles, **tables_placed}
         with sync.Collective(world, timeout=config.timeout):  # a budget too small for a worker fails here
             memory_limit = worker_memory_limit(topo, config, placement.nbytes)
         with DaskCluster(
@@ -211,6 +237,6 @@ def _run(
         ) as cluster:
             result, error = cluster.run(main_fn, handles)
         with collective_phase():  # the report measures collectively
-            _end_of_job_report(topo, placement.nbytes, len(placement.inputs), config, generation, error)
+            _end_of_job_report(topo, placement, tables_placed, config, generation, error)
     sync.agree(world, error, config.timeout)
     return result if topo.rank == CLIENT_RANK else None

@@ -7,14 +7,19 @@ per node, like the inputs placed at launch; tasks get a small handle.
 from __future__ import annotations
 
 import uuid
+import warnings
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from . import store
 from .handles import Handle
+from .registry import freed_because
 
 if TYPE_CHECKING:
     from distributed import Client, Future
+
+    from .context import JobContext
 
 __all__ = ["free", "put", "submit"]
 
@@ -37,7 +42,37 @@ def put(obj: Any) -> Handle:
     """
     from .exchange import current
 
-    return current().put(obj)
+    exchange = current()
+    _warn_if_put_before(exchange.job, obj)
+    handle = exchange.put(obj)
+    _remember_put(exchange.job, obj, handle)
+    return handle
+
+
+def _warn_if_put_before(job: JobContext, obj: Any) -> None:
+    """Warn when ``obj`` itself was put by this process and its copy is still held (local)."""
+    entry = job.puts.get(id(obj))
+    if entry is None or entry[0]() is not obj:
+        return
+    before = entry[1]
+    if freed_because(before.name, before.generation) is not None:
+        return
+    warnings.warn(
+        f"hpcshare.put: this object was put before ({before!r}) and is still held: this put makes "
+        "a second copy on every node. Pass the first handle to tasks again, or hpcshare.free() it "
+        "first if the object has changed since.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def _remember_put(job: JobContext, obj: Any, handle: Handle) -> None:
+    key, puts = id(obj), job.puts
+    try:
+        ref = weakref.ref(obj, lambda _: puts.pop(key, None))
+    except TypeError:  # objects that take no weak reference (some Arrow types) are not tracked
+        return
+    puts[key] = (ref, handle)
 
 
 def _put_result(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Handle:
@@ -68,6 +103,13 @@ def free(handle: Handle) -> None:
 
     from .handles import ArrayHandle, ObjectHandle
 
+    if not isinstance(handle, Handle):
+        from .codec import describe
+
+        raise TypeError(
+            f"hpcshare.free takes the handle hpcshare.put or hpcshare.submit returned, got "
+            f"{describe(handle)}; free the handle (h = hpcshare.put(df); ...; hpcshare.free(h))"
+        )
     if not (isinstance(handle, ObjectHandle) or (isinstance(handle, ArrayHandle) and handle.stored)):
         raise TypeError(
             f"hpcshare.free takes a handle from hpcshare.put or hpcshare.submit, got {handle!r}; "

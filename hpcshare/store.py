@@ -189,12 +189,20 @@ def close_writable(mm: mmap.mmap) -> None:
         pass
 
 
-def map_readonly(path: str) -> memoryview:
-    """A read-only view of the whole file at ``path`` (local; FileNotFoundError if gone)."""
+def map_readonly(path: str, private: bool = False) -> memoryview:
+    """A read-only view of the whole file at ``path`` (local; FileNotFoundError if gone).
+
+    ``private=True``: a writable copy-on-write map instead (``MAP_PRIVATE``):
+    pages are the node's until this process writes one, which then becomes
+    this process's own; the file never changes.
+    """
     fd = os.open(path, os.O_RDONLY)
     try:
         size = os.fstat(fd).st_size
-        mm = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+        if private:
+            mm = mmap.mmap(fd, size, access=mmap.ACCESS_COPY)
+        else:
+            mm = mmap.mmap(fd, size, prot=mmap.PROT_READ)
     finally:
         os.close(fd)
     ctx = context.current()
@@ -203,7 +211,18 @@ def map_readonly(path: str) -> memoryview:
     return memoryview(mm)
 
 
-def _open(name: str, generation: str, what: str) -> Any:
+def pandas_copies_on_write() -> bool:
+    """Whether pandas copies a shallow copy's columns before writing into them (local).
+
+    Always in pandas 3; in pandas 2.2 and 2.3 only with
+    ``pd.options.mode.copy_on_write = True``.
+    """
+    import pandas as pd
+
+    return int(pd.__version__.split(".")[0]) >= 3 or pd.get_option("mode.copy_on_write") is True
+
+
+def _open(name: str, generation: str, what: str, private: bool = False) -> Any:
     """Decode this node's file of ``name`` (local); a missing file means it was freed."""
     ctx = _here()
     if ctx.generation != generation:
@@ -212,7 +231,7 @@ def _open(name: str, generation: str, what: str) -> Any:
             f"is in job {ctx.generation}. Use the handles your current job made."
         )
     try:
-        view = map_readonly(path_of(name))
+        view = map_readonly(path_of(name), private)
     except FileNotFoundError:
         raise ResolveError(f"{what} {name!r} cannot be resolved on node {ctx.node}: {FREED}") from None
     return codec.decode(view)
@@ -229,8 +248,12 @@ def attach_array(handle: ArrayHandle) -> np.ndarray:
 def attach_object(handle: ObjectHandle) -> Any:
     """A DataFrame, Series or Arrow object over this node's copy (local).
 
-    pandas objects come back as a shallow copy of the cached one: writes go
-    to the task's own columns (copy-on-write), never to the shared buffers.
+    pandas objects never let a write reach the node's copy: with pandas
+    copy-on-write (pandas 3, or switched on in pandas 2) they are a shallow
+    copy of the cached object, and pandas copies a column before writing
+    into it; otherwise (pandas 2's default) they are decoded afresh over a
+    private copy-on-write map of the node's file, so in-place writes change
+    only the pages they touch, in this object alone.
     """
     why = registry.freed_because(handle.name, handle.generation)
     if why is not None:
@@ -246,7 +269,10 @@ def attach_object(handle: ObjectHandle) -> Any:
                 _wrap_sizeof(ctx, type(entry[1]))
     obj = entry[1]
     if handle.kind == "pandas":
-        obj = obj.copy(deep=False)
+        if pandas_copies_on_write():
+            obj = obj.copy(deep=False)
+        else:
+            obj = _open(handle.name, handle.generation, "object", private=True)
     _hand_out(ctx, obj)
     return obj
 
@@ -260,6 +286,13 @@ def _hand_out(ctx: JobContext, obj: Any) -> None:
         handed_out.pop(key, None)
 
     handed_out[key] = weakref.ref(obj, forget)
+
+
+def count_as_shared(obj: Any) -> None:
+    """Have Dask's sizeof count ``obj``, a view of a node-shared object, as small until it is dropped (local)."""
+    ctx = _here()
+    _wrap_sizeof(ctx, type(obj))
+    _hand_out(ctx, obj)
 
 
 def remember(name: str, generation: str, obj: Any) -> None:
@@ -308,6 +341,26 @@ def _is_node_shared(ctx: JobContext, obj: Any) -> bool:
             base = base.obj
         return isinstance(base, mmap.mmap) and base in ctx.maps
     return False
+
+
+def _map_ranges() -> list[tuple[int, int]]:
+    """(address, bytes) of this process's maps of node files."""
+    ctx = context.current()
+    ranges = []
+    for mm in list(ctx.maps) if ctx is not None else []:
+        try:
+            ranges.append((np.frombuffer(mm, np.uint8).ctypes.data, len(mm)))
+        except (ValueError, TypeError):  # closed
+            pass
+    return ranges
+
+
+def views_node_memory(obj: Any) -> bool:
+    """Whether any data buffer of ``obj`` (array, pandas or Arrow object) lies in a node file (local)."""
+    maps = _map_ranges()
+    return any(
+        lo < start + size and start < lo + n for start, size in codec.buffer_ranges(obj) for lo, n in maps
+    )
 
 
 def _wrap_sizeof(ctx: JobContext, cls: type) -> None:

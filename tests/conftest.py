@@ -8,12 +8,14 @@ that for the plain run).
 
 from __future__ import annotations
 
+import itertools
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 
-from hpcshare import shm
+from hpcshare import ObjectHandle, codec, shm, store
 
 
 def pytest_ignore_collect(collection_path, config):
@@ -36,3 +38,22 @@ def clean_shm():
     while (left := shm.orphaned_names(before)) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not left, f"left behind in /dev/shm: {sorted(left)}"
+
+
+@pytest.fixture
+def put(tmp_path):
+    """``put(obj)``: hold ``obj`` in a node file of a job this process has joined; its handle."""
+    generation = uuid.uuid4().hex[:12]
+    names = itertools.count()
+    with store.Joined(str(tmp_path), 0, generation, owner=True):
+
+        def put(obj):
+            enc = codec.encode(obj)
+            name = f"t{next(names)}"
+            mm = store.create(store.path_of(name), enc.nbytes, "test")
+            with memoryview(mm) as dest:
+                enc.write_into(dest)
+            store.close_writable(mm)
+            return ObjectHandle(name, generation, enc.kind, enc.nbytes, enc.summary)
+
+        yield put

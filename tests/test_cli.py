@@ -48,9 +48,9 @@ def test_demo_job_with_defaults_checks_its_answer_and_reports_memory():
     assert "Ignoring provided memory limit" not in run.output, run  # Dask's warning on every worker
     # the dashboard line: an ssh forward to loopback, or why there is no dashboard
     if importlib.util.find_spec("bokeh") is None:
-        assert "no Dask dashboard (it needs bokeh: pip install 'hpcshare[dashboard]')" in run.stdout
+        assert "no Dask dashboard (it needs bokeh: pip install 'hpcshare[dashboard]')" in run.stderr
     else:
-        assert "loopback only; from your machine: ssh -N -J LOGIN-NODE -L" in run.stdout
+        assert "loopback only; from your machine: ssh -N -J LOGIN-NODE -L" in run.stderr
 
 
 @pytest.fixture

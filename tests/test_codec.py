@@ -9,7 +9,18 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from hpcshare import InputError, codec
+from hpcshare import InputError, codec, store
+
+pytestmark = pytest.mark.dataframe  # CI runs these under pandas 2.x too
+
+
+def as_shared(df):
+    """``df`` as it comes back: categories of Python strings (pandas 2) become Arrow-backed."""
+    out = df.copy()
+    for name, col in out.items():
+        if isinstance(col.dtype, pd.CategoricalDtype) and col.cat.categories.dtype == object:
+            out[name] = col.cat.rename_categories(col.cat.categories.astype("string[pyarrow]"))
+    return out
 
 
 def round_trip(obj):
@@ -56,13 +67,17 @@ def test_arrays_come_back_equal_and_read_only(a):
 def test_a_frame_keeps_every_buffer_out_of_the_pickle_datetimes_included():
     df = frame(200_000)
     back, enc, base = round_trip(df)
-    pd.testing.assert_frame_equal(back, df)
+    pd.testing.assert_frame_equal(back, as_shared(df))
     assert len(enc.header) < 16 * 1024 < enc.nbytes // 100  # the pickle is metadata only
     for col in ("f", "when", "lag"):
         address = back[col].to_numpy().__array_interface__["data"][0]
         assert base <= address < base + enc.nbytes, col  # viewed in the map, not copied
 
 
+@pytest.mark.skipif(
+    not store.pandas_copies_on_write(),
+    reason="pandas 2 without copy-on-write: resolve maps a private copy instead (tests/test_pandas.py)",
+)
 def test_writing_into_a_shallow_copy_leaves_the_shared_frame_alone():
     back, _, _ = round_trip(frame(10))
     with pytest.raises(ValueError, match="read-only"):

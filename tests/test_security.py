@@ -144,8 +144,8 @@ def test_no_tls_is_plain_tcp_still_on_loopback_and_a_wide_dashboard_is_warned_ab
         assert cluster["scheduler"].startswith("tcp://127.0.0.1:"), cluster
         assert _outsider(cluster["scheduler"], "tcp").startswith("CONNECTED")  # what --no-tls gives up
     finally:
-        out, _ = _finish(proc, tmp_path)
-    assert "warning: the scheduler's HTTP server (the Dask dashboard, with bokeh) listens on :0" in out, out
+        _, err = _finish(proc, tmp_path)
+    assert "warning: the scheduler's HTTP server (the Dask dashboard, with bokeh) listens on :0" in err, err
 
 
 def test_the_jobs_certificates_are_fresh_signed_by_its_own_authority_and_never_printed():
