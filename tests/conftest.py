@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from hpcshare import ObjectHandle, codec, shm, store
+from hpcshare import ObjectHandle, codec, context, shm, store
 
 
 def pytest_ignore_collect(collection_path, config):
@@ -45,7 +45,10 @@ def put(tmp_path):
     """``put(obj)``: hold ``obj`` in a node file of a job this process has joined; its handle."""
     generation = uuid.uuid4().hex[:12]
     names = itertools.count()
-    with store.Joined(str(tmp_path), 0, generation, owner=True):
+    with (
+        context.running(context.JobContext(generation=generation)),
+        store.Joined(str(tmp_path), 0, owner=True),
+    ):
 
         def put(obj):
             enc = codec.encode(obj)
