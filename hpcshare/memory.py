@@ -113,10 +113,10 @@ def check_room(config: JobConfig, need: int, what: str) -> None:
     """Refuse ``need`` more bytes of node-shared memory on this host, before anything is allocated (local).
 
     The one capacity policy, for inputs placed at launch and objects put
-    while the job runs: the shared-memory directory must have room (less
-    ``hpcshare.shm-headroom``), the bytes must fit in the memory the job may
-    use on this host (:func:`job_memory`: the machine, the cgroup, Slurm's
-    ``--mem``), and in the memory the host can still give now.
+    while the job runs: the shared-memory directory must have room for them
+    and ``hpcshare.shm-headroom`` more, and the bytes must fit in the memory
+    the job may use on this host (:func:`job_memory`: the machine, the
+    cgroup, Slurm's ``--mem``) and in the memory the host can still give now.
     """
     from dask.utils import format_bytes
 
@@ -132,11 +132,11 @@ def check_room(config: JobConfig, need: int, what: str) -> None:
             "per node (for example sbatch --mem), or use fewer or smaller inputs."
         )
     available = int(psutil.virtual_memory().available)
-    if need + config.shm_headroom > available:
+    if need > available:
         raise CapacityError(
             f"{what} need {format_bytes(need)} of memory on this host, but only "
-            f"{format_bytes(available)} is available now (plus {format_bytes(config.shm_headroom)} "
-            "kept free). Free objects you no longer need (hpcshare.free), or use fewer or smaller ones."
+            f"{format_bytes(available)} is available now. Free objects you no longer need "
+            "(hpcshare.free), or use fewer or smaller ones."
         )
 
 
