@@ -44,6 +44,8 @@ def test_every_contender_runs_the_same_workload_and_agrees(tmp_path):
         "hpcshare-empty",
         "scatter",
         "submit",
+        "memmap",
+        "memmap-cold",
         "fork",
         "hpcshare-put",
         "hpcshare-put 2n",
@@ -97,6 +99,39 @@ def test_every_contender_runs_the_same_workload_and_agrees(tmp_path):
     text = (out / "bench.txt").read_text()
     assert all(name in text for name in rows)
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.usefixtures("clean_shm")
+def test_memmap_maps_the_file_in_every_task_and_agrees(tmp_path):
+    out, size = tmp_path / "out", 4 * 2**20
+    cmd = [
+        sys.executable,
+        "-m",
+        "hpcshare",
+        "bench",
+        "--contenders",
+        "memmap,memmap-cold",
+        "--workloads",
+        "array",
+    ]
+    run = run_cmd([*cmd, "--sizes", "4MiB", "--workers", "2", "--tasks", "5", "--out", str(out)], timeout=300)
+    assert run.returncode == 0, run
+    result = json.loads((out / "bench.json").read_text())
+    rows = {BenchRow(**r).label: r for r in result["rows"]}
+    x, _ = make_inputs(tmp_path, size)
+    data = np.load(x)
+    expected = sum((i + 1) * float(np.dot(data, data)) for i in range(5))
+    for name in ("memmap", "memmap-cold"):
+        r = rows[name]
+        assert r["status"] == "ok" and r["workers"] == 2 and r["size"] == size, r
+        assert r["checksum"] == pytest.approx(expected, rel=1e-12), r
+        assert r["processes"] >= 4 and r["node_memory"] > size, r  # scheduler, client, 2 workers
+        assert 0 < r["ready"] < 1, r  # nothing placed: a worker maps the file
+        assert r["moved_bytes"] < 2**20, r  # the path goes to the tasks, never the data
+        assert 0 < r["task_compute_median"] <= r["task_compute_max"] <= r["task_phase"], r
+        assert "placement" not in r and "resolve_us_median" not in r, r
+    assert result["checksums_agree"] is True
+    assert "memmap-cold" in (out / "bench.txt").read_text()
 
 
 @pytest.mark.usefixtures("clean_shm")

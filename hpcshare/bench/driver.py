@@ -48,6 +48,8 @@ MPI_CONTENDERS = (
     "hpcshare-put",
     "scatter",
     "submit",
+    "memmap",
+    "memmap-cold",
     "unidist-put",
     "hpcshare-tiny",
 )
@@ -56,6 +58,8 @@ ALL_CONTENDERS = (
     "hpcshare-h5",
     "scatter",
     "submit",
+    "memmap",
+    "memmap-cold",
     "fork",
     "ray",
     "hpcshare-put",
@@ -226,6 +230,9 @@ def memory_needed(contender: str, nbytes: int, workers: int, nodes: int = 1) -> 
         "scatter": nbytes * (workers + 3) + procs,
         "submit": nbytes * (workers + 3) + procs,
         "fork": nbytes + workers * PROCESS_BYTES,
+        # the file's pages in the page cache, mapped by every worker
+        "memmap": nbytes + procs,
+        "memmap-cold": nbytes + procs,
         "ray": 2 * nbytes + procs + 512 * 2**20,
         "ray-put": 2 * nbytes + procs + 512 * 2**20,
         # measured here at 1 GiB, W = 4: 2.26 GiB at the peak
