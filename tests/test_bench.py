@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
 
 import numpy as np
@@ -12,6 +13,7 @@ from helpers import run_cmd
 
 from hpcshare.bench import BenchRow, make_inputs, memory_needed, run_one
 from hpcshare.bench.overhead import JOB_ORDER, expected_checksum
+from hpcshare.bench.sampling import resident_bytes
 from hpcshare.bench.workloads import frame_work, make_frame
 
 
@@ -177,6 +179,21 @@ def test_overhead_measures_tls_and_handles_in_real_jobs(tmp_path):
     assert "hpcshare-tiny no-tls" in text and "a handle per task, TLS on, W=2: " in text
     assert text in run.stdout.replace("\r", "")  # what was printed is what was written
     assert not (out / "bench.png").exists()
+
+
+def test_a_files_pages_in_the_page_cache_are_counted_whether_mapped_or_not(tmp_path):
+    path = tmp_path / "x.bin"
+    path.write_bytes(np.arange(2**20, dtype=np.float64).tobytes())  # 8 MiB
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # as memmap-cold does
+        assert resident_bytes(str(path)) < 2**20
+        assert resident_bytes(str(path)) < 2**20  # looking reads nothing in
+        assert len(os.pread(fd, 8 * 2**20, 0)) == 8 * 2**20
+    finally:
+        os.close(fd)
+    assert resident_bytes(str(path)) == 8 * 2**20
 
 
 def test_a_contender_that_would_not_fit_is_skipped_with_its_figure(tmp_path):

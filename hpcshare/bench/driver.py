@@ -66,6 +66,8 @@ ALL_CONTENDERS = (
     "ray-put",
     "unidist-put",
 )
+#: the ones whose workers map the .npy file: its pages in the page cache count once (:mod:`.sampling`)
+MAPPING = ("memmap", "memmap-cold")
 FRAME_CONTENDERS = ("hpcshare-put", "scatter", "ray-put")  #: the ones that run the frame workload
 NODES_CONTENDERS = ("hpcshare-put",)  #: the ones that run on emulated nodes
 #: unidist's MPI backend, started by mpiexec, with its per-host shared object store on
@@ -316,7 +318,8 @@ def run_one(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
     )
     try:
-        with PeakMemory(proc.pid) if contender != "hpcshare-tiny" else contextlib.nullcontext() as memory:
+        sampler = PeakMemory(proc.pid, mapped=os.path.realpath(npy) if contender in MAPPING else None)
+        with sampler if contender != "hpcshare-tiny" else contextlib.nullcontext() as memory:
             output, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         kill_group(proc)
