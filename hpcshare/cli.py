@@ -175,8 +175,8 @@ def _parser() -> argparse.ArgumentParser:
         description=(
             "Run the same workload (T tasks that each read a whole input of S bytes, on W "
             "workers) under hpcshare, dask-mpi with scatter(broadcast=True), dask-mpi with the "
-            "seed pattern client.submit(create_data), a fork-based process pool and Ray (if "
-            "installed); and the seed pattern made at run time under hpcshare.submit "
+            "seed pattern client.submit(create_data), dask-mpi with np.load(path, mmap_mode='r') in "
+            "every task (memmap, memmap-cold), a fork-based process pool and Ray (if installed); and the seed pattern made at run time under hpcshare.submit "
             "(hpcshare-put, also on emulated nodes), Ray (ray-put) and unidist's MPI backend "
             "(unidist-put), for an array and for a DataFrame (groupby). One run after another; "
             "each measured from outside (node memory as the sum of PSS over its processes, "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
 
 import numpy as np
@@ -12,6 +13,7 @@ from helpers import run_cmd
 
 from hpcshare.bench import BenchRow, make_inputs, memory_needed, run_one
 from hpcshare.bench.overhead import JOB_ORDER, expected_checksum
+from hpcshare.bench.sampling import resident_bytes
 from hpcshare.bench.workloads import frame_work, make_frame
 
 
@@ -44,6 +46,8 @@ def test_every_contender_runs_the_same_workload_and_agrees(tmp_path):
         "hpcshare-empty",
         "scatter",
         "submit",
+        "memmap",
+        "memmap-cold",
         "fork",
         "hpcshare-put",
         "hpcshare-put 2n",
@@ -100,6 +104,39 @@ def test_every_contender_runs_the_same_workload_and_agrees(tmp_path):
 
 
 @pytest.mark.usefixtures("clean_shm")
+def test_memmap_maps_the_file_in_every_task_and_agrees(tmp_path):
+    out, size = tmp_path / "out", 4 * 2**20
+    cmd = [
+        sys.executable,
+        "-m",
+        "hpcshare",
+        "bench",
+        "--contenders",
+        "memmap,memmap-cold",
+        "--workloads",
+        "array",
+    ]
+    run = run_cmd([*cmd, "--sizes", "4MiB", "--workers", "2", "--tasks", "5", "--out", str(out)], timeout=300)
+    assert run.returncode == 0, run
+    result = json.loads((out / "bench.json").read_text())
+    rows = {BenchRow(**r).label: r for r in result["rows"]}
+    x, _ = make_inputs(tmp_path, size)
+    data = np.load(x)
+    expected = sum((i + 1) * float(np.dot(data, data)) for i in range(5))
+    for name in ("memmap", "memmap-cold"):
+        r = rows[name]
+        assert r["status"] == "ok" and r["workers"] == 2 and r["size"] == size, r
+        assert r["checksum"] == pytest.approx(expected, rel=1e-12), r
+        assert r["processes"] >= 4 and r["node_memory"] > size, r  # scheduler, client, 2 workers
+        assert 0 < r["ready"] < 1, r  # nothing placed: a worker maps the file
+        assert r["moved_bytes"] < 2**20, r  # the path goes to the tasks, never the data
+        assert 0 < r["task_compute_median"] <= r["task_compute_max"] <= r["task_phase"], r
+        assert "placement" not in r and "resolve_us_median" not in r, r
+    assert result["checksums_agree"] is True
+    assert "memmap-cold" in (out / "bench.txt").read_text()
+
+
+@pytest.mark.usefixtures("clean_shm")
 def test_overhead_measures_tls_and_handles_in_real_jobs(tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "hpcshare", "bench", "--overhead", "--tiny-tasks", "2000", "--out", str(out)]
@@ -142,6 +179,21 @@ def test_overhead_measures_tls_and_handles_in_real_jobs(tmp_path):
     assert "hpcshare-tiny no-tls" in text and "a handle per task, TLS on, W=2: " in text
     assert text in run.stdout.replace("\r", "")  # what was printed is what was written
     assert not (out / "bench.png").exists()
+
+
+def test_a_files_pages_in_the_page_cache_are_counted_whether_mapped_or_not(tmp_path):
+    path = tmp_path / "x.bin"
+    path.write_bytes(np.arange(2**20, dtype=np.float64).tobytes())  # 8 MiB
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # as memmap-cold does
+        assert resident_bytes(str(path)) < 2**20
+        assert resident_bytes(str(path)) < 2**20  # looking reads nothing in
+        assert len(os.pread(fd, 8 * 2**20, 0)) == 8 * 2**20
+    finally:
+        os.close(fd)
+    assert resident_bytes(str(path)) == 8 * 2**20
 
 
 def test_a_contender_that_would_not_fit_is_skipped_with_its_figure(tmp_path):

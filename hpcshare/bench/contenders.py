@@ -4,7 +4,7 @@
 [--workload array|frame|tiny] [--nodes N] [--no-tls] [--launched T]``
 
 MPI contenders (hpcshare, hpcshare-h5, hpcshare-put, scatter, submit,
-unidist-put, hpcshare-tiny, the mpi-transfer baseline) run under ``mpiexec
+memmap, memmap-cold, unidist-put, hpcshare-tiny, the mpi-transfer baseline) run under ``mpiexec
 -n W+2``; the others (fork, ray, ray-put, the other baselines) run as one
 process that starts its own workers. Each writes its figures as JSON to
 ``--out``. :mod:`.workloads` holds the workloads; :mod:`.putting` the
@@ -33,6 +33,8 @@ from .workloads import (
     hpcshare_task,
     load,
     make,
+    mapping_seconds,
+    memmap_task,
     moved_bytes,
     probe_task,
     resolve_figures,
@@ -136,6 +138,41 @@ def run_submit(args: argparse.Namespace) -> None:
     dask_mpi_cluster(args, code)
 
 
+def _evict(path: str) -> None:
+    """Drop the file's pages from the page cache, so that the next reads come from the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # dirty pages cannot be dropped
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def run_memmap(args: argparse.Namespace, cold: bool = False) -> None:
+    """dask-mpi, every task maps the .npy file (``np.load(path, mmap_mode="r")``).
+
+    The node's page cache holds the one copy that every worker maps; nothing
+    is placed, so ready is the time a worker takes to map the file. With
+    ``cold`` the file's pages are first dropped from the page cache: the
+    tasks that touch a page first read it from the disk.
+    """
+
+    def code(client: Any) -> None:
+        if cold:
+            _evict(args.npy)
+        ready = max(client.run(mapping_seconds, args.npy).values())  # every worker, in parallel
+        results, phase, started = task_phase(
+            lambda: client.gather(
+                client.map(memmap_task, [args.npy] * args.tasks, range(args.tasks), pure=False)
+            )
+        )
+        figures = task_figures(results, phase, args.workers, started)
+        figures.update(ready=ready, moved_bytes=moved_bytes(client))
+        write(args.out, figures)
+
+    dask_mpi_cluster(args, code)
+
+
 # --- single-process contenders --------------------------------------------------
 
 _GLOBAL: np.ndarray | None = None
@@ -216,6 +253,8 @@ CONTENDERS = {
     "hpcshare-put": putting.run_hpcshare_put,
     "scatter": run_scatter,
     "submit": run_submit,
+    "memmap": run_memmap,
+    "memmap-cold": lambda a: run_memmap(a, cold=True),
     "unidist-put": putting.run_unidist_put,
     "fork": run_fork,
     "ray": run_ray,

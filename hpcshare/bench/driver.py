@@ -49,9 +49,13 @@ MPI_CONTENDERS = (
     "hpcshare-put",
     "scatter",
     "submit",
+    "memmap",
+    "memmap-cold",
     "unidist-put",
     "hpcshare-tiny",
 )
+#: the ones whose workers map the .npy file: its pages in the page cache count once (:mod:`.sampling`)
+MAPPING = ("memmap", "memmap-cold")
 FRAME_CONTENDERS = ("hpcshare-put", "scatter", "ray-put")  #: the ones that run the frame workload
 NODES_CONTENDERS = ("hpcshare-put",)  #: the ones that run on emulated nodes
 #: unidist's MPI backend, started by mpiexec, with its per-host shared object store on
@@ -216,6 +220,9 @@ def memory_needed(contender: str, nbytes: int, workers: int, nodes: int = 1) -> 
         "scatter": nbytes * (workers + 3) + procs,
         "submit": nbytes * (workers + 3) + procs,
         "fork": nbytes + workers * PROCESS_BYTES,
+        # the file's pages in the page cache, mapped by every worker
+        "memmap": nbytes + procs,
+        "memmap-cold": nbytes + procs,
         "ray": 2 * nbytes + procs + 512 * 2**20,
         "ray-put": 2 * nbytes + procs + 512 * 2**20,
         # measured here at 1 GiB, W = 4: 2.26 GiB at the peak
@@ -299,7 +306,8 @@ def run_one(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
     )
     try:
-        with PeakMemory(proc.pid) if contender != "hpcshare-tiny" else contextlib.nullcontext() as memory:
+        sampler = PeakMemory(proc.pid, mapped=os.path.realpath(npy) if contender in MAPPING else None)
+        with sampler if contender != "hpcshare-tiny" else contextlib.nullcontext() as memory:
             output, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         kill_group(proc)

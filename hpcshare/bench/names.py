@@ -13,12 +13,13 @@ ALL_CONTENDERS = (
     "hpcshare-h5",
     "scatter",
     "submit",
+    "memmap",
+    "memmap-cold",
     "fork",
     "ray",
     "hpcshare-put",
     "ray-put",
     "unidist-put",
 )
-TINY_TASKS = (
-    100_000  #: --overhead: tasks of each kind, with TLS and without, unless ``--tiny-tasks`` says otherwise
-)
+#: --overhead: tasks of each kind, with TLS and without, unless ``--tiny-tasks`` says otherwise
+TINY_TASKS = 100_000

@@ -40,6 +40,7 @@ class BenchRow:
     checksum: float | None = None  #: sum of the tasks' results; must agree across contenders
     task_phase: float | None = None  #: seconds for all tasks
     task_compute_median: float | None = None  #: median seconds one task computed
+    task_compute_max: float | None = None  #: the slowest task's seconds (a first touch of the input)
     per_task_overhead: float | None = None  #: worker seconds per task not spent computing
     moved_bytes: int | None = None  #: bytes Dask moved between processes
     task_window: list[float] | None = None  #: wall-clock start and end of the task phase

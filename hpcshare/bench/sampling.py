@@ -3,43 +3,104 @@
 Node memory is the sum of PSS over the run's processes: PSS splits each
 shared page between the processes that map it, so one copy of the input
 shared by W workers counts once, while W private copies count W times.
+A file's pages in the page cache that no process maps count for nobody.
+
+The processes are read one after another, not at one instant: while
+workers map and unmap a file in every task, a page can be counted whole in
+one process and again in part in the next. For such a run
+(``PeakMemory(..., mapped=FILE)``) the file's mappings are left out of each
+process's PSS and the file's pages in the page cache counted once instead
+(:func:`resident_bytes`).
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import mmap
 import os
 import signal
 import subprocess
 import threading
 import time
 
+import numpy as np
 import psutil
 
-__all__ = ["PeakMemory", "available_memory", "kill_group", "tree_pss"]
+__all__ = ["PeakMemory", "available_memory", "kill_group", "resident_bytes", "tree_pss"]
 
 
-def tree_pss(root: int) -> tuple[int, int]:
-    """Summed PSS in bytes of ``root`` and all its descendants, and how many there are (local)."""
+def _pss_without(p: psutil.Process, mapped: str | None) -> int:
+    """PSS of ``p`` in bytes, less that of its mappings of the file ``mapped``."""
+    if mapped is None:
+        return int(p.memory_full_info().pss)
+    return sum(int(m.pss) for m in p.memory_maps(grouped=True) if m.path != mapped)
+
+
+def tree_pss(root: int, mapped: str | None = None) -> tuple[int, int]:
+    """Summed PSS in bytes of ``root`` and all its descendants, and how many there are (local).
+
+    With ``mapped`` (a file the processes map), their mappings of it are left
+    out and the file's pages in the page cache counted once instead.
+    """
     try:
         parent = psutil.Process(root)
         procs = [parent, *parent.children(recursive=True)]
     except psutil.NoSuchProcess:
         return 0, 0
-    total = 0
+    total = resident_bytes(mapped) if mapped is not None else 0
     for p in procs:
         try:
-            total += p.memory_full_info().pss
+            total += _pss_without(p, mapped)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             pass
     return total, len(procs)
 
 
+def resident_bytes(path: str) -> int:
+    """Bytes of the file ``path`` that the page cache holds (local), mapped by anybody or not.
+
+    ``mincore`` over a mapping of the file that reads none of it.
+    """
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_size_t,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_long,
+    ]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    size = os.path.getsize(path)
+    if size == 0:
+        return 0
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if addr in (None, ctypes.c_void_p(-1).value):
+            raise OSError(ctypes.get_errno(), f"mmap of {path} failed")
+        try:
+            pages = -(-size // mmap.PAGESIZE)
+            vec = ctypes.create_string_buffer(pages)
+            if libc.mincore(addr, size, vec) != 0:
+                raise OSError(ctypes.get_errno(), f"mincore of {path} failed")
+            resident = int(np.count_nonzero(np.frombuffer(vec.raw, np.uint8) & 1))
+        finally:
+            libc.munmap(addr, size)
+    finally:
+        os.close(fd)
+    return min(resident * mmap.PAGESIZE, size)
+
+
 class PeakMemory(threading.Thread):
     """Samples :func:`tree_pss` of a process every ``interval`` seconds; keeps the peak."""
 
-    def __init__(self, root: int, interval: float = 0.1) -> None:
+    def __init__(self, root: int, interval: float = 0.1, mapped: str | None = None) -> None:
         super().__init__(daemon=True, name="hpcshare-bench-sampler")
-        self.root, self.interval = root, interval
+        self.root, self.interval, self.mapped = root, interval, mapped
         self.peak = 0  #: the largest summed PSS seen, in bytes
         self.processes = 0  #: how many processes there were at that peak
         self.samples: list[tuple[float, int]] = []  #: (wall-clock time, summed PSS)
@@ -47,7 +108,7 @@ class PeakMemory(threading.Thread):
 
     def run(self) -> None:
         while not self._done.is_set():
-            total, count = tree_pss(self.root)
+            total, count = tree_pss(self.root, self.mapped)
             self.samples.append((time.time(), total))
             if total > self.peak:
                 self.peak, self.processes = total, count
