@@ -36,3 +36,31 @@ def clean_shm():
     while (left := shm.orphaned_names(before)) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not left, f"left behind in /dev/shm: {sorted(left)}"
+
+
+@pytest.fixture(scope="module")
+def hosts():
+    """``hosts(n, shm_size="256M")``: n emulated hosts (tests/hosts.py), shared by the module's tests.
+
+    Made on first use and removed when the module's tests end, also when
+    they fail. Skips without root; fails instead where
+    ``HPCSHARE_REQUIRE_HOSTS=1`` (CI).
+    """
+    import hosts as emulated
+    from helpers import mpi_library, skip_unless_available
+
+    made: dict[tuple[int, str], emulated.Hosts] = {}
+
+    def make(n: int, shm_size: str = "256M") -> emulated.Hosts:
+        skip_unless_available(emulated.missing(), "HPCSHARE_REQUIRE_HOSTS")
+        if mpi_library() != "MPICH":
+            pytest.skip(f"the emulated hosts launch with MPICH's hydra; this is {mpi_library()}")
+        if (n, shm_size) not in made:
+            made[n, shm_size] = emulated.Hosts.create(n, shm_size)
+        return made[n, shm_size]
+
+    try:
+        yield make
+    finally:
+        for h in made.values():
+            h.close()
