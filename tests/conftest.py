@@ -53,8 +53,10 @@ def hosts():
 
     def make(n: int, shm_size: str = "256M") -> emulated.Hosts:
         skip_unless_available(emulated.missing(), "HPCSHARE_REQUIRE_HOSTS")
-        if mpi_library() != "MPICH":
-            pytest.skip(f"the emulated hosts launch with MPICH's hydra; this is {mpi_library()}")
+        if mpi_library() not in ("MPICH", "Open MPI"):
+            pytest.skip(
+                f"the emulated hosts launch with MPICH's hydra or Open MPI's prterun, not {mpi_library()}"
+            )
         if (n, shm_size) not in made:
             made[n, shm_size] = emulated.Hosts.create(n, shm_size)
         return made[n, shm_size]

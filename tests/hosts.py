@@ -17,7 +17,9 @@ Needs root (CI is root). Each host is
 :meth:`Hosts.mpiexec` launches a job across hosts by MPICH's own launcher:
 hydra's ssh launcher with a stand-in for ssh (``-launcher-exec``) that
 ``nsenter``-s into the host it is given; :meth:`Hosts.prterun` does the same
-for Open MPI's ``prterun`` (``--prtemca plm_ssh_agent``). The launcher
+for Open MPI's ``prterun`` (``--prtemca plm_ssh_agent``, its daemons and
+ranks kept to the bridge's subnet); :meth:`Hosts.launch` picks the one of
+the MPI library in use. The launcher
 itself runs outside the hosts and reaches them over the bridge, the way a
 batch script's launcher on a login or head node reaches its compute nodes.
 
@@ -47,7 +49,7 @@ import time
 from pathlib import Path
 
 import psutil
-from helpers import Run, mpiexec, run_cmd, start_cmd
+from helpers import Run, mpi_library, mpiexec, run_cmd, start_cmd
 
 STATE = Path("/run/hpcshare-hosts")
 PREFIX = "hsh"  # every bridge, link and namespace of the harness, then the run's id
@@ -283,18 +285,24 @@ class Hosts:
             str(self.subnet),
             "--host",
             self.hosts_arg(ranks),
+            "--map-by",
+            "slot",  # host i gets ranks[i] ranks (CI's default mapping policy would oversubscribe host 0)
             "-n",
             str(sum(ranks)),
             *args,
         ]
 
+    def launch(self, ranks: list[int], *args: str) -> list[str]:
+        """:meth:`prterun` under Open MPI, else :meth:`mpiexec` (MPICH's hydra)."""
+        return (self.prterun if mpi_library() == "Open MPI" else self.mpiexec)(ranks, *args)
+
     def hpcshare(self, ranks: list[int], *args: str, timeout: float = 120, **kw) -> Run:
         """``mpiexec ... python -m hpcshare ARGS`` across the hosts, as a user types it."""
-        return run_cmd(self.mpiexec(ranks, sys.executable, "-m", "hpcshare", *args), timeout=timeout, **kw)
+        return run_cmd(self.launch(ranks, sys.executable, "-m", "hpcshare", *args), timeout=timeout, **kw)
 
     def popen(self, ranks: list[int], *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-        """Start :meth:`mpiexec` ``(ranks, *args)`` in a session of its own, output to pipes."""
-        return start_cmd(self.mpiexec(ranks, *args), env=env)
+        """Start :meth:`launch` ``(ranks, *args)`` in a session of its own, output to pipes."""
+        return start_cmd(self.launch(ranks, *args), env=env)
 
     # --- faults -------------------------------------------------------------------------------
 
