@@ -215,3 +215,34 @@ def test_info_names_each_host_and_its_own_dev_shm(three):
     assert "3 host(s):" in run.stdout, run
     for name in three.names:  # each host's own 256 MiB tmpfs, not the machine's /dev/shm
         assert re.search(rf"^  {name}: .*/dev/shm: [\d.]+ MiB free of 256.00 MiB$", run.stdout, re.M), run
+
+
+@pytest.fixture
+def no_host_names(three):
+    """Each host's /etc/hosts names only localhost while the test runs."""
+    names = three.dir / "hosts"
+    kept = names.read_text()
+    names.write_text("127.0.0.1 localhost\n")
+    try:
+        yield
+    finally:
+        names.write_text(kept)
+
+
+@pytest.mark.usefixtures("no_host_names")
+def test_without_host_names_the_interface_flag_starts_the_job(three):
+    run = three.hpcshare(RANKS, "job", "--demo-size", "1MiB", "--interface", "eth0")
+    assert_clean_success(run)
+    assert "16 tasks OK" in run.stdout, run
+
+
+@pytest.mark.xfail(strict=True, reason="issue 18: the message does not give the other hosts' addresses yet")
+@pytest.mark.usefixtures("no_host_names")
+def test_without_host_names_the_refusal_gives_the_fix_and_the_hosts_addresses(three):
+    run = three.hpcshare(RANKS, "job", "--demo-size", "1MiB")
+    assert run.returncode != 0, run
+    error = next(line for line in run.stderr.splitlines() if line.startswith("hpcshare: error:"))
+    assert "cannot tell which network interface" in error and "--interface" in error, run
+    assert "eth0" in error, run
+    for name in three.names[:2]:  # where the job's hosts are, so that the interface to name is plain
+        assert three.addresses[name] in error, run
