@@ -56,6 +56,11 @@ PREFIX = "hsh"  # every bridge, link and namespace of the harness, then the run'
 
 NEEDS = ("ip", "unshare", "nsenter", "mount", "umount", "hostname")
 
+# MPI between hosts over their network only. The hosts share one kernel and one pid namespace, so
+# UCX (MPICH's ch4:ucx from PyPI) would otherwise reach a rank on another host by cross-memory
+# attach or shared memory, and a cut link would not cut MPI (measured: messages kept flowing)
+NETWORK_ONLY = {"UCX_TLS": "tcp,self", "UCX_NET_DEVICES": "eth0"}
+
 # the stand-in for ssh the launchers start their proxies with: ``[-opts] HOST CMD...``, as for ssh
 _LAUNCHER = """#!/bin/sh
 # hpcshare's emulated hosts: run CMD on HOST, as ssh would (tests/hosts.py)
@@ -298,11 +303,14 @@ class Hosts:
 
     def hpcshare(self, ranks: list[int], *args: str, timeout: float = 120, **kw) -> Run:
         """``mpiexec ... python -m hpcshare ARGS`` across the hosts, as a user types it."""
-        return run_cmd(self.launch(ranks, sys.executable, "-m", "hpcshare", *args), timeout=timeout, **kw)
+        env = {**NETWORK_ONLY, **kw.pop("env", {})}
+        return run_cmd(
+            self.launch(ranks, sys.executable, "-m", "hpcshare", *args), timeout=timeout, env=env, **kw
+        )
 
     def popen(self, ranks: list[int], *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
         """Start :meth:`launch` ``(ranks, *args)`` in a session of its own, output to pipes."""
-        return start_cmd(self.launch(ranks, *args), env=env)
+        return start_cmd(self.launch(ranks, *args), env={**NETWORK_ONLY, **(env or {})})
 
     # --- faults -------------------------------------------------------------------------------
 
