@@ -60,3 +60,33 @@ def put(tmp_path):
             return ObjectHandle(name, generation, enc.kind, enc.nbytes, enc.summary)
 
         yield put
+
+
+@pytest.fixture(scope="module")
+def hosts():
+    """``hosts(n, shm_size="256M")``: n emulated hosts (tests/hosts.py), shared by the module's tests.
+
+    Made on first use and removed when the module's tests end, also when
+    they fail. Skips without root; fails instead where
+    ``HPCSHARE_REQUIRE_HOSTS=1`` (CI).
+    """
+    import hosts as emulated
+    from helpers import mpi_library, skip_unless_available
+
+    made: dict[tuple[int, str], emulated.Hosts] = {}
+
+    def make(n: int, shm_size: str = "256M") -> emulated.Hosts:
+        skip_unless_available(emulated.missing(), "HPCSHARE_REQUIRE_HOSTS")
+        if mpi_library() not in ("MPICH", "Open MPI"):
+            pytest.skip(
+                f"the emulated hosts launch with MPICH's hydra or Open MPI's prterun, not {mpi_library()}"
+            )
+        if (n, shm_size) not in made:
+            made[n, shm_size] = emulated.Hosts.create(n, shm_size)
+        return made[n, shm_size]
+
+    try:
+        yield make
+    finally:
+        for h in made.values():
+            h.close()

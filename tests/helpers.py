@@ -125,18 +125,17 @@ class Run:
         return f"<Run rc={self.returncode} {' '.join(self.args)}>\n--- stdout\n{self.stdout}\n--- stderr\n{self.stderr}"
 
 
-def run_cmd(
-    args: list[str], *, timeout: float = 120, env: dict[str, str] | None = None, cwd: str | Path | None = None
-) -> Run:
-    """Run a command in a session of its own; on timeout kill the session's processes and fail."""
+def start_cmd(
+    args: list[str], *, env: dict[str, str] | None = None, cwd: str | Path | None = None
+) -> subprocess.Popen:
+    """Start a command in a session of its own, its output to pipes (text), hpcshare importable."""
     full_env = dict(os.environ)
     full_env.setdefault("DASK_HPCSHARE__DASHBOARD_ADDRESS", "localhost:0")
     full_env.setdefault("OMP_NUM_THREADS", "1")
     full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), full_env.get("PYTHONPATH", "")]))
     if env:
         full_env.update(env)
-    t = time.monotonic()
-    proc = subprocess.Popen(
+    return subprocess.Popen(
         args,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -145,6 +144,14 @@ def run_cmd(
         cwd=cwd,
         start_new_session=True,
     )
+
+
+def run_cmd(
+    args: list[str], *, timeout: float = 120, env: dict[str, str] | None = None, cwd: str | Path | None = None
+) -> Run:
+    """Run a command in a session of its own; on timeout kill the session's processes and fail."""
+    t = time.monotonic()
+    proc = start_cmd(args, env=env, cwd=cwd)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
