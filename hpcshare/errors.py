@@ -48,7 +48,9 @@ class InputError(HpcshareError, ValueError):
         return cls(f"input {name!r}: {what} {failure} (at {tb.filename}:{tb.lineno})")
 
 
-class CapacityError(HpcshareError, MemoryError):
+# MemoryError first: Dask unpickles exceptions with tblib, which calls the class's __new__, and
+# with HpcshareError first that is MemoryError.__new__ on a class whose base is Exception: refused
+class CapacityError(MemoryError, HpcshareError):
     """A node has too little shared memory for the inputs."""
 
 

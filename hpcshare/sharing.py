@@ -10,7 +10,8 @@ import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from . import store
+from . import context, store
+from .anywhere.files import is_cluster_generation
 from .handles import Handle
 
 if TYPE_CHECKING:
@@ -20,10 +21,14 @@ __all__ = ["free", "put", "submit"]
 
 
 def put(obj: Any) -> Handle:
-    """Place ``obj`` once on every node of the job; return its handle.
+    """Place ``obj`` once on every node of the job, or of the Dask cluster; return its handle.
 
     Call it in ``main`` (the client rank) or in a task on one of the job's
-    workers. Returns when every node holds the object. ``obj`` is a NumPy
+    workers; outside an hpcshare job, in a program with a Dask client or in
+    a task on its cluster (any Dask cluster: see :mod:`hpcshare.anywhere`).
+    In a job it returns when every node holds the object; on a Dask
+    cluster, when the putter's group of workers does (other groups fetch it
+    on first use). ``obj`` is a NumPy
     array, a pandas DataFrame or Series, or a pyarrow Table, RecordBatch,
     Array or ChunkedArray. ``handle.resolve()`` in a task gives it back
     zero-copy over the task's node's copy (read-only).
@@ -35,9 +40,12 @@ def put(obj: Any) -> Handle:
     hpcshare.InputError
         For types and columns that cannot live in shared memory (Python objects).
     """
-    from .exchange import current
+    job = context.current()
+    if job is not None and job.exchange is not None:
+        return job.exchange.put(obj)
+    from .anywhere import api
 
-    return current().put(obj)
+    return api.put(obj)
 
 
 def _put_result(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Handle:
@@ -73,6 +81,11 @@ def free(handle: Handle) -> None:
             f"hpcshare.free takes a handle from hpcshare.put or hpcshare.submit, got {handle!r}; "
             "inputs placed at launch live until the job ends"
         )
+    if is_cluster_generation(handle.generation):
+        from .anywhere import api
+
+        api.free(handle)
+        return
     client = default_client()
     client.run(store.release, handle.name, handle.generation)
     client.run_on_scheduler(store.release, handle.name, handle.generation)
