@@ -59,6 +59,11 @@ def submit(client: Client, fn: Callable[..., Any], *args: Any, **kwargs: Any) ->
     :class:`Handle`, so ``client.map(process, [future] * n)`` sends every task
     the handle, never the data. The task is never cached by Dask (pure=False).
     """
+    job = context.current()
+    if job is None or job.exchange is None:  # any Dask cluster: hpcshare's plugins before the task runs
+        from .anywhere import api
+
+        api.ensure(client)
     name = getattr(fn, "__name__", "task")
     key = f"hpcshare-put-{name}-{uuid.uuid4().hex}"
     return client.submit(_put_result, fn, args, kwargs, key=key, pure=False)

@@ -92,12 +92,16 @@ def _described(enc: codec.Encoded) -> str:
 
 def put(obj: Any) -> Handle:
     """Hold ``obj`` once per group of the cluster; its handle (local to the caller)."""
-    worker = _current_worker()
-    side = worker.plugins.get(files.PLUGIN) if worker is not None else None
-    if worker is not None and isinstance(side, plugins.WorkerSide):
-        return _put_in_task(worker, side, obj)
     from distributed import get_client
 
+    worker = _current_worker()
+    if worker is not None:
+        side = worker.plugins.get(files.PLUGIN)
+        if not isinstance(side, plugins.WorkerSide):  # the cluster's first put, in a task
+            ensure(get_client())
+            side = worker.plugins.get(files.PLUGIN)
+        if isinstance(side, plugins.WorkerSide):
+            return _put_in_task(worker, side, obj)
     try:
         client = get_client()
     except ValueError:
