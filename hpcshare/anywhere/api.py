@@ -119,6 +119,7 @@ def _put_in_task(worker: Worker, side: plugins.WorkerSide, obj: Any) -> Handle:
         worker.loop, worker.scheduler.hpcshare_room, nbytes=enc.nbytes, what=what, group=member.group
     )
     name = _write(member, enc, what, refusals)
+    side.copies.hold(name)
     key = worker.get_current_task()
     sync(
         worker.loop,

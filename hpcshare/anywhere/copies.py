@@ -109,6 +109,17 @@ class Copies:
                     obj = self.objects[name] = load()
         return obj.copy(deep=False) if kind == "pandas" else obj  # writes go to the task's own columns
 
+    def hold(self, name: str) -> None:
+        """Map and decode ``name`` now, without touching its pages (a worker handler).
+
+        A live object file is always mapped by a process of its group:
+        tools that sweep /dev/shm of files nobody maps (benchmarks, test
+        fixtures, site scripts) would otherwise take it.
+        """
+        with self.lock:
+            if name not in self.objects:
+                self.objects[name] = self.open(name)
+
     def open(self, name: str) -> Any:
         """Decode the group's file of ``name`` (FileNotFoundError if this group holds none)."""
         return codec.decode(map_copy(self.member.path(name)))

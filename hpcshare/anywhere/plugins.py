@@ -167,6 +167,7 @@ class WorkerSide(WorkerPlugin):
             "hpcshare_piece": partial(transfer.serve_piece, self.member),
             "hpcshare_room": partial(transfer.room, self.member),
             "hpcshare_release": self.copies.release,
+            "hpcshare_hold": self.copies.hold,
         }
         worker.handlers.update(self._handlers)
         await worker.scheduler.hpcshare_join(worker=worker.address, group=self.member.group)
