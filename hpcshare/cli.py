@@ -246,7 +246,27 @@ def _parser() -> argparse.ArgumentParser:
         metavar="K",
         help="show the emulated nodes of K ranks a job would have",
     )
+    sub.add_parser(
+        "clean",
+        help="remove shared objects of Dask clusters that are gone",
+        description=(
+            "Remove this user's hpcshare files of Dask clusters whose processes are all gone "
+            "(killed, crashed) from the shared-memory directory (hpcshare.shm-dir, default /dev/shm). "
+            "Live clusters' objects and other users' files are never touched."
+        ),
+    ).add_argument("--shm-dir", metavar="DIR", help="the directory to clean (default: hpcshare.shm-dir)")
     return p
+
+
+def _clean(shm_dir: str | None) -> int:
+    from .anywhere import groups, lifetimes
+
+    where = shm_dir or groups.shm_dir()
+    removed = lifetimes.sweep(where)
+    for name in removed:
+        print(f"removed {os.path.join(where, name)}")
+    print(f"hpcshare clean: {len(removed)} file(s) of dead Dask clusters removed from {where}")
+    return 0
 
 
 def parse_job(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> JobArgs:
@@ -481,6 +501,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _job(parse_job(ns, ns.subparser))
     if ns.command == "bench":
         return _bench(ns, ns.subparser)
+    if ns.command == "clean":
+        return _clean(ns.shm_dir)
     from .info import print_info
 
     return print_info(ranks_per_node=ns.ranks_per_node)

@@ -58,7 +58,9 @@ class NotShareable(InputError, TypeError):
     """An object, or columns of it, that cannot be held in shared memory (Python objects); names each."""
 
 
-class CapacityError(HpcshareError, MemoryError):
+# MemoryError first: Dask unpickles exceptions with tblib, which calls the class's __new__, and
+# with HpcshareError first that is MemoryError.__new__ on a class whose base is Exception: refused
+class CapacityError(MemoryError, HpcshareError):
     """A node has too little shared memory for the inputs."""
 
 

@@ -60,8 +60,9 @@ def current() -> Exchange:
     job = context.current()
     if job is None or job.exchange is None:
         raise HpcshareError(
-            "hpcshare.put works only inside a running hpcshare job: in main (the client "
-            "rank) or in a task on one of the job's workers."
+            "hpcshare.put works only inside a running hpcshare job (in main or a task of "
+            "`python -m hpcshare job` or hpcshare.run()), or on any Dask cluster with a "
+            "distributed.Client (see the README: Any Dask cluster, without MPI)."
         )
     return job.exchange
 

@@ -15,6 +15,8 @@ import numpy as np
 from dask.sizeof import sizeof
 
 from . import registry, store
+from .anywhere import files as cluster_files
+from .anywhere.resolve import resolve as resolve_on_cluster
 from .errors import ResolveError
 from .layout import dtype_from_text, dtype_text
 
@@ -93,6 +95,9 @@ class ArrayHandle(Handle):
             job (a Nanny's child, a LocalCluster, a plain Python session), the
             job that placed it has ended, or it was freed (:func:`hpcshare.free`).
         """
+        if cluster_files.is_cluster_generation(self.generation):
+            view: np.ndarray = resolve_on_cluster(self, "ndarray")
+            return view
         entry = registry.lookup(self.name)
         if entry is not None and entry[0] == self.generation:
             return entry[1]
@@ -180,6 +185,8 @@ class ObjectHandle(Handle):
             Outside the job's ranks, after the job ended, or after
             :func:`hpcshare.free`.
         """
+        if cluster_files.is_cluster_generation(self.generation):
+            return resolve_on_cluster(self, self.kind)
         return store.attach_object(self)
 
     def __getitem__(self, key: Any) -> Any:

@@ -193,8 +193,8 @@ def worker_memory_limit(topo: Topology, config: JobConfig, shared: int) -> int:
     return max(min(private, int(MEMORY_LIMIT)), 1)
 
 
-def private_memory() -> int:
-    """This process's resident memory less its resident shared-memory pages, in bytes (local).
+def private_memory(pid: int | str = "self") -> int:
+    """Process ``pid``'s resident memory less its resident shared-memory pages, in bytes (local).
 
     ``RssShmem`` (``/proc/self/status``) counts pages of tmpfs and shared
     anonymous mappings: the MPI windows of the inputs and the objects in
@@ -202,7 +202,7 @@ def private_memory() -> int:
     """
     fields: dict[str, int] = {}
     try:
-        with open("/proc/self/status", "rb") as f:
+        with open(f"/proc/{pid}/status", "rb") as f:
             for line in f:
                 if line.startswith((b"VmRSS:", b"RssShmem:")):
                     name, value = line.split(b":", 1)
@@ -210,7 +210,7 @@ def private_memory() -> int:
     except (OSError, ValueError):
         pass
     if "VmRSS" not in fields:
-        return int(psutil.Process().memory_info().rss)
+        return int(psutil.Process(None if pid == "self" else int(pid)).memory_info().rss)
     return fields["VmRSS"] - fields.get("RssShmem", 0)
 
 
@@ -222,13 +222,15 @@ class PrivateMemory(WorkerPlugin):
     dashboard and the scheduler's "unmanaged memory" all read it). The
     objects put on the node while the job runs (``put_files()`` lists them)
     are divided among the node's workers and added: they come out of the
-    private budgets the limits were made from.
+    private budgets the limits were made from. Without ``put_files`` (a Dask
+    cluster hpcshare did not start, whose limits know nothing of shared
+    objects) it measures private memory only.
     """
 
     name = "hpcshare-private-memory"
     _RESCAN = 1.0  # seconds between listings of the node's put objects
 
-    def __init__(self, put_files: Any, workers_on_node: int) -> None:
+    def __init__(self, put_files: Any = None, workers_on_node: int = 1) -> None:
         self.put_files, self.workers_on_node = put_files, max(workers_on_node, 1)
         self._puts, self._scanned = 0, -self._RESCAN
 
@@ -243,6 +245,8 @@ class PrivateMemory(WorkerPlugin):
             del monitor.get_process_memory
 
     def measure(self) -> int:
+        if self.put_files is None:
+            return private_memory()
         now = time.monotonic()
         if now - self._scanned >= self._RESCAN:
             self._scanned, total = now, 0

@@ -12,7 +12,8 @@ import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from . import store
+from . import context, store
+from .anywhere.files import is_cluster_generation
 from .handles import Handle
 from .registry import freed_because
 
@@ -25,10 +26,14 @@ __all__ = ["free", "put", "submit"]
 
 
 def put(obj: Any) -> Handle:
-    """Place ``obj`` once on every node of the job; return its handle.
+    """Place ``obj`` once on every node of the job, or of the Dask cluster; return its handle.
 
     Call it in ``main`` (the client rank) or in a task on one of the job's
-    workers. Returns when every node holds the object. ``obj`` is a NumPy
+    workers; outside an hpcshare job, in a program with a Dask client or in
+    a task on its cluster (any Dask cluster: see :mod:`hpcshare.anywhere`).
+    In a job it returns when every node holds the object; on a Dask
+    cluster, when the putter's group of workers does (other groups fetch it
+    on first use). ``obj`` is a NumPy
     array, a pandas DataFrame or Series, or a pyarrow Table, RecordBatch,
     Array or ChunkedArray. ``handle.resolve()`` in a task gives it back
     zero-copy over the task's node's copy (read-only).
@@ -40,12 +45,14 @@ def put(obj: Any) -> Handle:
     hpcshare.InputError
         For types and columns that cannot live in shared memory (Python objects).
     """
-    from .exchange import current
+    job = context.current()
+    if job is None or job.exchange is None:  # not in an hpcshare job: the Dask cluster this process is in
+        from .anywhere import api
 
-    exchange = current()
-    _warn_if_put_before(exchange.job, obj)
-    handle = exchange.put(obj)
-    _remember_put(exchange.job, obj, handle)
+        return api.put(obj)
+    _warn_if_put_before(job, obj)
+    handle = job.exchange.put(obj)
+    _remember_put(job, obj, handle)
     return handle
 
 
@@ -86,6 +93,11 @@ def submit(client: Client, fn: Callable[..., Any], *args: Any, **kwargs: Any) ->
     :class:`Handle`, so ``client.map(process, [future] * n)`` sends every task
     the handle, never the data. The task is never cached by Dask (pure=False).
     """
+    job = context.current()
+    if job is None or job.exchange is None:  # any Dask cluster: hpcshare's plugins before the task runs
+        from .anywhere import api
+
+        api.ensure(client)
     name = getattr(fn, "__name__", "task")
     key = f"hpcshare-put-{name}-{uuid.uuid4().hex}"
     return client.submit(_put_result, fn, args, kwargs, key=key, pure=False)
@@ -115,6 +127,11 @@ def free(handle: Handle) -> None:
             f"hpcshare.free takes a handle from hpcshare.put or hpcshare.submit, got {handle!r}; "
             "inputs placed at launch live until the job ends"
         )
+    if is_cluster_generation(handle.generation):
+        from .anywhere import api
+
+        api.free(handle)
+        return
     client = default_client()
     client.run(store.release, handle.name, handle.generation)
     client.run_on_scheduler(store.release, handle.name, handle.generation)

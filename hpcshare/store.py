@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 __all__ = [
     "FREED",
     "Joined",
+    "allocate",
     "attach_array",
     "attach_object",
     "create",
@@ -44,6 +45,7 @@ __all__ = [
     "in_a_job",
     "job_prefix",
     "node_files",
+    "populate",
     "release",
 ]
 
@@ -145,16 +147,9 @@ def create(path: str, nbytes: int, what: str) -> mmap.mmap:
     """
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        try:
-            os.posix_fallocate(fd, 0, max(nbytes, 1))
-        except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EFBIG):
-                raise CapacityError(
-                    f"{what}: {os.path.dirname(path)} has no room for {nbytes} more bytes ({exc.strerror})"
-                ) from exc
-            raise
+        allocate(fd, nbytes, f"{what}: {os.path.dirname(path)}")
         mm = mmap.mmap(fd, max(nbytes, 1))  # the map keeps its own descriptor
-        _populate(mm)
+        populate(mm)
         return mm
     except BaseException:
         _unlink(path)
@@ -163,7 +158,22 @@ def create(path: str, nbytes: int, what: str) -> mmap.mmap:
         os.close(fd)
 
 
-def _populate(mm: mmap.mmap) -> None:
+def allocate(fd: int, nbytes: int, where: str, advice: str = "") -> None:
+    """Allocate ``nbytes`` (at least 1) of the file ``fd`` now, or raise :class:`CapacityError` (local).
+
+    ``where`` starts the message ("hpcshare.put of ...: /dev/shm"); ``advice`` ends it.
+    """
+    try:
+        os.posix_fallocate(fd, 0, max(nbytes, 1))
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EFBIG):
+            raise CapacityError(
+                f"{where} has no room for {nbytes} more bytes ({exc.strerror}){advice}"
+            ) from exc
+        raise
+
+
+def populate(mm: mmap.mmap) -> None:
     """Map all of ``mm``'s pages now, in one call (best effort; Linux 5.14+).
 
     Faulting a fresh shared-memory file in page by page while copying into it

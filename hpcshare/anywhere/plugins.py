@@ -1,0 +1,249 @@
+"""hpcshare on a Dask cluster it did not start: a scheduler, a worker and a nanny plugin.
+
+:func:`hpcshare.anywhere.api.ensure` registers all three with the scheduler
+on first use (``client.register_plugin``), which also hands them to workers
+and nannies that join later (adaptive scaling, a Nanny's restart).
+
+- :class:`SchedulerSide` keeps the cluster's name (a random token), which
+  group each worker is in, and for each object its size, the groups that
+  hold it and the clients that own it. It frees an object on
+  :func:`hpcshare.free` and when every client that put it has closed or
+  disconnected, by telling every worker to release it.
+- :class:`WorkerSide` joins the worker's group (:mod:`.groups`), serves
+  pieces of its group's files to other groups (:mod:`.transfer`), releases
+  objects, and has Dask's memory monitor measure private memory
+  (:class:`~hpcshare.memory.PrivateMemory`). Leaving sweeps the group's
+  files if it was the last member.
+- :class:`NannySide` holds the group too (so a worker's restart does not
+  drop the group's files) and has the Nanny's restart check compare the
+  worker's *private* memory with its limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Callable
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+from distributed.diagnostics.plugin import NannyPlugin, SchedulerPlugin, WorkerPlugin
+from tornado.ioloop import PeriodicCallback
+
+from ..memory import PrivateMemory, private_memory
+from . import files, groups, lifetimes, transfer
+from .copies import Copies
+
+if TYPE_CHECKING:
+    from distributed import Nanny, Scheduler, Worker
+
+__all__ = ["FREED", "NannySide", "SchedulerSide", "WorkerSide"]
+
+FREED = (
+    "it was freed by hpcshare.free(). Views taken before that stay valid until dropped; "
+    "put it again if tasks still need it."
+)
+CLIENT_GONE = "the client that put it ({client}) closed or disconnected, which frees its objects."
+CLUSTER_GONE = "the cluster that held it has closed."
+
+
+@dataclasses.dataclass
+class _Object:
+    nbytes: int
+    groups: set[str]
+    owners: set[str]
+
+
+class SchedulerSide(SchedulerPlugin):
+    """The cluster's table of groups and objects, on the scheduler (its handlers are local RPCs)."""
+
+    name = files.PLUGIN
+    idempotent = True  # a second client's registration keeps the first's table
+
+    def __init__(self, cluster: str) -> None:
+        self.cluster = cluster
+        self.group_of: dict[str, str] = {}  #: worker address -> group
+        self.objects: dict[str, _Object] = {}
+        self.freed: dict[str, str] = {}  #: name -> why
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self, scheduler: Scheduler) -> None:
+        self.scheduler = scheduler
+        scheduler.handlers.update(
+            hpcshare_cluster=lambda: self.cluster,
+            hpcshare_join=self.join,
+            hpcshare_register=self.register,
+            hpcshare_sources=self.sources,
+            hpcshare_holds=self.holds,
+            hpcshare_room=self.room,
+            hpcshare_free=self.free,
+        )
+
+    async def close(self) -> None:
+        for name in list(self.objects):
+            self.freed[name] = CLUSTER_GONE
+        self.objects.clear()
+
+    def join(self, worker: str, group: str) -> None:
+        self.group_of[worker] = group
+
+    def remove_worker(self, scheduler: Scheduler, worker: str, **kwargs: Any) -> None:
+        self.group_of.pop(worker, None)
+
+    def remove_client(self, scheduler: Scheduler, client: str) -> None:
+        for name, obj in list(self.objects.items()):
+            if client in obj.owners:
+                obj.owners.discard(client)
+                if not obj.owners:
+                    task = asyncio.ensure_future(self.free(name, CLIENT_GONE.format(client=client)))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
+
+    def register(
+        self, name: str, group: str, nbytes: int, client: str | None = None, key: Any = None
+    ) -> None:
+        """A new object in ``group``, owned by ``client`` or by the clients that want task ``key``."""
+        owners = {client} if client else set()
+        ts = self.scheduler.tasks.get(key) if key is not None else None
+        if ts is not None:
+            owners |= {cs.client_key for cs in ts.who_wants or ()}
+        self.objects[name] = _Object(nbytes, {group}, owners)
+
+    def holds(self, name: str, group: str) -> None:
+        obj = self.objects.get(name)
+        if obj is not None:
+            obj.groups.add(group)
+
+    def sources(self, name: str) -> dict[str, Any]:
+        """The workers that hold ``name`` now, its size, or why it cannot be had."""
+        obj = self.objects.get(name)
+        if obj is None:
+            why = self.freed.get(
+                name, "this cluster has no object of that name (it comes from another cluster)."
+            )
+            return {"why": why, "nbytes": 0, "sources": []}
+        holders = [w for w, g in self.group_of.items() if g in obj.groups]
+        if not holders:
+            return {"why": "every worker that held it has left the cluster.", "nbytes": 0, "sources": []}
+        return {"why": None, "nbytes": obj.nbytes, "sources": holders}
+
+    async def room(self, nbytes: int, what: str, group: str | None = None) -> list[str]:
+        """Why groups other than ``group`` could not hold ``nbytes`` more (one worker of each answers)."""
+        one_each = {g: w for w, g in self.group_of.items() if g != group}
+        answers = await asyncio.gather(
+            *(self.scheduler.rpc(w).hpcshare_room(nbytes=nbytes, what=what) for w in one_each.values()),
+            return_exceptions=True,
+        )
+        return [a for a in answers if isinstance(a, str)]
+
+    async def free(self, name: str, why: str = FREED) -> None:
+        """Forget ``name`` and have every worker release it (idempotent)."""
+        self.freed[name] = why
+        if self.objects.pop(name, None) is not None:
+            await self.scheduler.broadcast(msg={"op": "hpcshare_release", "name": name}, on_error="ignore")
+
+
+class WorkerSide(WorkerPlugin):
+    """A worker's membership of its group, its copies, and its handlers (see the module)."""
+
+    name = files.PLUGIN
+    idempotent = True
+    member: groups.Member
+    copies: Copies
+    worker: Worker
+
+    def __init__(self, cluster: str) -> None:
+        self.cluster = cluster
+
+    async def setup(self, worker: Worker) -> None:
+        where = groups.shm_dir()
+        lifetimes.sweep(where)  # what dead clusters left on this host
+        self.member = groups.join(where, self.cluster)
+        self.copies = Copies(self.member)
+        self.worker = worker
+        self._memory = PrivateMemory()
+        self._memory.setup(worker)
+        self._handlers: dict[str, Callable[..., Any]] = {
+            "hpcshare_piece": partial(transfer.serve_piece, self.member),
+            "hpcshare_room": partial(transfer.room, self.member),
+            "hpcshare_release": self.copies.release,
+            "hpcshare_hold": self.copies.hold,
+        }
+        worker.handlers.update(self._handlers)
+        await worker.scheduler.hpcshare_join(worker=worker.address, group=self.member.group)
+
+    def teardown(self, worker: Worker) -> None:
+        from distributed.core import Status
+
+        if worker.status not in (Status.closing, Status.closing_gracefully, Status.closed):
+            for name in getattr(
+                self, "_handlers", {}
+            ):  # a closing worker keeps them: releases may still come
+                worker.handlers.pop(name, None)
+        if hasattr(self, "member"):
+            self._memory.teardown(worker)
+            self.copies.clear()
+            self.member.leave()
+            lifetimes.sweep(self.member.shm_dir, self.cluster)  # the last member removes the group's files
+
+
+class NannySide(NannyPlugin):
+    """A nanny holds its worker's group, and restarts it on private memory only (see the module)."""
+
+    name = files.PLUGIN
+    idempotent = True
+    member: groups.Member
+    _dask_check: PeriodicCallback | None = None
+
+    def __init__(self, cluster: str) -> None:
+        self.cluster = cluster
+
+    def setup(self, nanny: Nanny) -> None:
+        where = groups.shm_dir()
+        lifetimes.sweep(where)
+        self.member = groups.join(where, self.cluster)
+        self._swap_memory_check(nanny)
+
+    def teardown(self, nanny: Nanny) -> None:
+        callbacks = nanny.periodic_callbacks
+        if self._dask_check is not None:  # Dask's own check back, running if ours ran
+            ours = callbacks.get("memory_monitor")
+            if ours is not None and ours.is_running():
+                ours.stop()
+                self._dask_check.start()
+            callbacks["memory_monitor"] = self._dask_check
+        if hasattr(self, "member"):
+            self.member.leave()
+            lifetimes.sweep(self.member.shm_dir, self.cluster)
+
+    def _swap_memory_check(self, nanny: Nanny) -> None:
+        """Run Dask's restart check only when the worker's private memory is over the threshold.
+
+        Dask's check (``NannyMemoryManager.memory_monitor``) measures RSS,
+        which counts every shared page the worker touched; it is called, and
+        restarts the worker, only once its private memory alone is over
+        ``distributed.worker.memory.terminate`` of its limit.
+        """
+        self._dask_check = dask_check = nanny.periodic_callbacks.get("memory_monitor")
+        if dask_check is None:  # no limit, or restarts turned off
+            return
+        manager = nanny.memory_manager
+
+        def check() -> None:
+            process = nanny.process.process if nanny.process is not None else None
+            limit, fraction = manager.memory_limit, manager.memory_terminate_fraction
+            if process is None or process.pid is None or not limit or fraction is False:
+                return
+            try:
+                private = private_memory(process.pid)
+            except Exception:  # the worker ended meanwhile
+                return
+            if private > fraction * limit:
+                manager.memory_monitor(nanny)
+
+        ours = PeriodicCallback(check, dask_check.callback_time)
+        running = dask_check.is_running()
+        dask_check.stop()
+        nanny.periodic_callbacks["memory_monitor"] = ours
+        if running:
+            ours.start()
