@@ -269,12 +269,12 @@ class DaskCluster:
         config: JobConfig,
         memory_limit: int,
         local_directory: str | None = None,
-        generation: str = "",
+        put_folder: str = "",
     ) -> None:
         self.topo, self.config = topo, config
         self.memory_limit = memory_limit  #: each worker's, from memory.worker_memory_limit
         self.local_directory = local_directory  #: the job's private scratch folder on this host
-        self.generation = generation  #: names the job's put objects (hpcshare.put)
+        self.put_folder = put_folder  #: the job's folder of put objects on this host (hpcshare.put)
 
     def __enter__(self) -> DaskCluster:
         import dask
@@ -299,10 +299,8 @@ class DaskCluster:
         options: dict[str, Any] = {"name": f"rank-{self.topo.rank}"}
         if self.topo.role == "worker":
             options["executor"] = _task_executor(self.config.nthreads)
-            put_files = functools.partial(
-                store.node_files, self.config.shm_dir, self.generation, self.topo.node_index
-            )
-            options["plugins"] = {PrivateMemory(put_files, workers_on_node)}
+            put_bytes = functools.partial(store.node_bytes, self.put_folder, self.topo.node_index)
+            options["plugins"] = {PrivateMemory(put_bytes, workers_on_node)}
         return options
 
     def run(self, main: MainFunction, handles: Mapping[str, Handle]) -> tuple[Any, BaseException | None]:
