@@ -310,7 +310,7 @@ def _interrupted(signum: int, frame: Any) -> None:
 
 
 def _job(args: JobArgs) -> int:
-    from .errors import HpcshareError
+    from .errors import HpcshareError, describe, exit_code_of
     from .topology import check_launch
 
     try:
@@ -333,11 +333,12 @@ def _job(args: JobArgs) -> int:
     try:
         runtime.run(main, inputs, **dict(args.options))
     except HpcshareError as exc:
+        code = exit_code_of(exc)  # sys.exit(n) in main: n
         if sync.origin_of(exc) is None:
-            print(f"hpcshare: error: {exc}", file=sys.stderr, flush=True)
+            print(f"hpcshare: error: {describe(exc)}", file=sys.stderr, flush=True)
         if not sync.agreed(exc):
-            ending.abort(code=1)
-        return _failed()
+            ending.abort(code=code)
+        return _failed(code)
     except Exception as exc:
         if sync.origin_of(exc) is None:
             traceback.print_exc()
@@ -360,8 +361,8 @@ def _supervised() -> None:
         supervise.start(rank, role_of(rank))
 
 
-def _failed() -> int:
-    """Exit code 1, after unlinking the MPI library's files this rank maps (local).
+def _failed(code: int = 1) -> int:
+    """Exit code ``code``, after unlinking the MPI library's files this rank maps (local).
 
     The first rank to exit non-zero makes ``srun --kill-on-bad-exit`` kill
     the others, and the watcher with them, before MPI_Finalize removes them.
@@ -369,7 +370,7 @@ def _failed() -> int:
     from . import shm
 
     shm.unlink_mapped()
-    return 1
+    return code
 
 
 def _bench(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DaskCluster",
     "ViewGuard",
+    "exit_code",
     "idle_startup_comm",
     "quiet_dask_logs",
 ]
@@ -160,22 +161,37 @@ def _task_key(exc: BaseException) -> Any:
 
 
 def _exit_guard(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Run a task; SystemExit and KeyboardInterrupt, which distributed lets out of it, end the job.
+
+    distributed turns every other BaseException of a task into the task's error.
+    """
     try:
         return fn(*args, **kwargs)
-    except SystemExit as exc:
+    except (SystemExit, KeyboardInterrupt) as exc:
         from mpi4py import MPI
 
-        key = _task_key(exc)
-        rank = MPI.COMM_WORLD.Get_rank()
+        if isinstance(exc, SystemExit):
+            did, code = f"called sys.exit({exc.code!r})", exit_code(exc.code)
+        else:
+            did, code = "raised KeyboardInterrupt", 1
         print(
-            f"hpcshare: error: task {key!r} called sys.exit({exc.code!r}) on worker rank {rank} "
+            f"hpcshare: error: task {_task_key(exc)!r} {did} on worker rank {MPI.COMM_WORLD.Get_rank()} "
             f"({socket.gethostname()}); a task cannot end its worker, raise an exception instead. "
             "Ending the job.",
             file=sys.stderr,
             flush=True,
         )
-        ending.abort(code=exc.code if isinstance(exc.code, int) and 0 < exc.code < 256 else 1)
+        ending.abort(code=code or 1)
         raise  # not reached
+
+
+def exit_code(code: object) -> int:
+    """The process exit code ``sys.exit(code)`` asks for: None is 0, a number itself, a message 1 (local)."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code & 0xFF
+    return 1
 
 
 def _has_bokeh() -> bool:
@@ -208,11 +224,18 @@ def _dashboard_hint(client: Client, address: str) -> str:
 def _call_main(
     main: MainFunction, client: Client, handles: Mapping[str, Handle]
 ) -> tuple[Any, BaseException | None]:
-    """``main(client, handles)``; what it raised, SystemExit and Ctrl-C included, as a JobFailed."""
+    """``main(client, handles)``; what it raised, SystemExit and Ctrl-C included, as a JobFailed.
+
+    ``sys.exit()`` and ``sys.exit(0)`` are a success; ``sys.exit(n)`` a
+    JobFailed whose ``exit_code`` is n (the CLI's exit code on every rank).
+    """
     try:
         return main(client, dict(handles)), None
     except SystemExit as exc:
-        return None, JobFailed(f"the job's main called sys.exit({exc.code!r})")
+        code = exit_code(exc.code)
+        if code == 0:
+            return None, None
+        return None, JobFailed(f"the job's main called sys.exit({exc.code!r})", exit_code=code)
     except BaseException as exc:  # KeyboardInterrupt too: the cluster must still stop
         traceback.print_exc()
         sys.stderr.flush()

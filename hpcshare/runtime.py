@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from . import context, ending, shm, store, sync
 from .cluster import DaskCluster
 from .config import JobConfig
-from .errors import ConfigError
+from .errors import ConfigError, describe
 from .exchange import Exchange, collective_phase
 from .handles import Handle
 from .importing import MainFunction, load_main
@@ -114,7 +114,7 @@ def _end_of_job_report(
         print_report(topo, nbytes, n_inputs, config, objects)
     except sync.WaitTimeout as exc:
         if error is not None:
-            print(f"hpcshare: error: {error}", file=sys.stderr, flush=True)
+            print(f"hpcshare: error: {describe(error)}", file=sys.stderr, flush=True)
         print(f"hpcshare: {exc}; aborting the job", file=sys.stderr, flush=True)
         ending.abort(topo.world, 1)
 
