@@ -145,9 +145,17 @@ def _parser() -> argparse.ArgumentParser:
         "else the host address's interface)",
     )
     job.add_argument(
+        "--dashboard",
+        action="store_true",
+        default=None,
+        help="serve the Dask dashboard on a Unix socket only you can reach (the job prints the ssh "
+        "command); without it no Dask process serves HTTP",
+    )
+    job.add_argument(
         "--dashboard-address",
         metavar="HOST:PORT",
-        help="where the Dask dashboard listens (default localhost:8787; a wider address has no login)",
+        help="with --dashboard: serve it on TCP at HOST:PORT instead, with no login: everyone who "
+        "can reach the address (on localhost: every user of the node) sees the job",
     )
     job.add_argument(
         "--no-tls",
@@ -258,6 +266,7 @@ def parse_job(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> JobArg
         "memory_limit": ns.memory_limit,
         "quiet": ns.quiet,
         "interface": ns.interface,
+        "dashboard": ns.dashboard,
         "dashboard_address": ns.dashboard_address,
         "tls": ns.tls,
     }

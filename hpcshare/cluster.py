@@ -194,30 +194,39 @@ def exit_code(code: object) -> int:
     return 1
 
 
-def _has_bokeh() -> bool:
+def _dashboard_served(dask_scheduler: Any) -> tuple[str, str, bool]:
+    """On the scheduler: its host, where its dashboard serves ("" for nowhere), whether bokeh is there."""
     import importlib.util
 
-    return importlib.util.find_spec("bokeh") is not None
+    http = dask_scheduler.services.get("dashboard")
+    where = ""
+    if http is not None and getattr(http, "_sockets", None):  # a closed server has no sockets left
+        where = str(http.address) if str(http.address).startswith("/") else f"{http.address}:{http.port}"
+    return socket.gethostname(), where, importlib.util.find_spec("bokeh") is not None
 
 
-def _dashboard_hint(client: Client, address: str) -> str:
-    """How to reach the Dask dashboard from a laptop, or why there is none (local, on the client)."""
-    from .security import dashboard_is_open
-
-    port = client.scheduler_info().get("services", {}).get("dashboard")
-    host = client.run_on_scheduler(socket.gethostname)
-    if dashboard_is_open(address):
+def _dashboard_hint(client: Client, config: JobConfig) -> str:
+    """How to reach the Dask dashboard from a laptop, or that there is none (local, on the client)."""
+    if not config.dashboard:
+        return "hpcshare: no Dask dashboard (--dashboard serves one that only you can reach)"
+    host, where, bokeh = client.run_on_scheduler(_dashboard_served)
+    pages = (
+        ""
+        if bokeh
+        else " (Dask's info pages only: the dashboard needs bokeh, pip install 'hpcshare[dashboard]')"
+    )
+    if not where:
+        return "hpcshare: warning: no Dask dashboard: the scheduler could not serve it (see above)"
+    if not where.startswith("/"):
         return (
-            f"hpcshare: warning: the scheduler's HTTP server (the Dask dashboard, with bokeh) listens "
-            f"on {address} on {host} with no login: everyone who can reach it sees the job's tasks "
-            "and workers; the default, localhost:8787, keeps it to this node (reach it with an ssh "
-            "forward)"
+            f"hpcshare: warning: the Dask dashboard{pages} listens on {where} on {host} (--dashboard-address) "
+            "with no login: everyone who can reach that address sees the job's tasks, workers, their logs "
+            "and call stacks; on localhost that is every user of the node. Leave out --dashboard-address "
+            "to serve it on a Unix socket only you can reach."
         )
-    if not port or not client.run_on_scheduler(_has_bokeh):  # without bokeh the page says "install bokeh"
-        return "hpcshare: no Dask dashboard (it needs bokeh: pip install 'hpcshare[dashboard]')"
     return (
-        f"hpcshare: Dask dashboard on {host}, port {port}, loopback only; from your machine: "
-        f"ssh -N -J LOGIN-NODE -L {port}:localhost:{port} {host}, then open http://localhost:{port}/status"
+        f"hpcshare: Dask dashboard{pages} on {host}, on a Unix socket only you can reach; from your "
+        f"machine: ssh -N -J LOGIN-NODE -L 8787:{where} {host}, then open http://localhost:8787/status"
     )
 
 
@@ -268,9 +277,9 @@ def client_main(
     try:
         client.wait_for_workers(n_workers, timeout=config.timeout)
         client.register_plugin(ViewGuard(), name=ViewGuard.name)
-        hint = _dashboard_hint(client, config.dashboard_address)
+        hint = _dashboard_hint(client, config)
         if not config.quiet or "warning" in hint:
-            print(hint, flush=True)
+            print(hint, file=sys.stderr, flush=True)
         return _call_main(main, client, handles)
     except Exception as exc:
         return None, exc
@@ -336,6 +345,7 @@ class DaskCluster:
         import dask
         from dask_mpi import initialize
 
+        from .dashboard import preload_config
         from .exchange import begin_collective_phase
         from .security import dask_tls_config, listen_interface, share_credentials
 
@@ -345,7 +355,8 @@ class DaskCluster:
             if self.config.tls:
                 tls = dask_tls_config(share_credentials(self.topo.world, self.config.timeout))
             scratch = {"temporary-directory": self.local_directory} if self.local_directory else {}
-            with dask.config.set({**tls, **scratch}):
+            http = preload_config(self.config.dashboard, self.config.dashboard_address, self.local_directory)
+            with dask.config.set({**tls, **scratch, **http}):
                 is_client = initialize(
                     comm=idle_startup_comm(self.topo.world, self.config.timeout),
                     exit=False,
@@ -354,7 +365,9 @@ class DaskCluster:
                     nthreads=self.config.nthreads,
                     local_directory=self.local_directory,
                     memory_limit=self.memory_limit,
-                    dashboard_address=self.config.dashboard_address,
+                    dashboard=self.config.dashboard,
+                    # closed once the scheduler has started, unless it is the user's (hpcshare.dashboard)
+                    dashboard_address=self.config.dashboard_address or "127.0.0.1:0",
                     worker_options=self._worker_options(),
                 )
                 if is_client:

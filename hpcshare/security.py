@@ -15,8 +15,9 @@ user and read its data, so by default:
 - the scheduler and workers listen on one interface (:func:`listen_interface`):
   loopback when the whole job is on one host, else the interface the
   host's own address is on, or the one ``hpcshare.interface`` names;
-- the dashboard listens on loopback unless ``hpcshare.dashboard-address``
-  says otherwise (:func:`dashboard_is_open` then warns: it has no login).
+- no Dask process serves HTTP unless the job asks for the dashboard, and
+  then on a Unix socket in the job's 0700 scratch folder
+  (:mod:`hpcshare.dashboard`).
 
 ``hpcshare.tls: false`` (``--no-tls``) turns TLS off; the interface rules stay.
 """
@@ -39,7 +40,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Credentials",
-    "dashboard_is_open",
     "dask_tls_config",
     "listen_interface",
     "make_credentials",
@@ -194,14 +194,3 @@ def listen_interface(requested: str | None, hosts: int) -> str:
             f"one of {', '.join(sorted(names))}"
         )
     return name
-
-
-def dashboard_is_open(address: str) -> bool:
-    """Whether a dashboard address (``host:port``) listens beyond loopback."""
-    host = address.rsplit(":", 1)[0].strip("[]") if ":" in address else address
-    if host in ("localhost", ""):
-        return host == ""
-    try:
-        return not ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return True  # a host name: whatever it resolves to, not only loopback

@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 from helpers import ROOT, kill_job, mpiexec
 
@@ -129,6 +130,12 @@ class Job:
         if self.proc.poll() is None:
             kill_job(self.proc)
 
+    def __enter__(self) -> Job:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()
+
 
 WAIT_FOR_GO = """
 def wait_for_go():
@@ -198,9 +205,9 @@ sys.stdin.read()
 
 @pytest.mark.usefixtures("clean_shm")
 def test_another_users_files_are_never_counted_or_touched_and_cannot_block_puts(tmp_path, other_user):
-    job = Job(tmp_path, PUTS, 5, "-q", "--ranks-per-node", "3")
     planted: list[str] = []
     try:
+        job = Job(tmp_path, PUTS, 5, "-q", "--ranks-per-node", "3")
         probe = job.probe()
         folder = probe["folder"]
         assert folder.startswith("/dev/shm/hpcshare-") and os.stat(folder).st_mode & 0o777 == 0o700
@@ -216,7 +223,7 @@ def test_another_users_files_are_never_counted_or_touched_and_cannot_block_puts(
             time.sleep(2)  # the watcher has seen the ranks go
             survived = [p for p in planted if os.path.exists(p)]
     finally:
-        job.kill()
+        job.kill()  # a no-op once it has ended
         for path in planted:
             with contextlib.suppress(OSError):
                 os.unlink(path)
@@ -228,3 +235,120 @@ def test_another_users_files_are_never_counted_or_touched_and_cannot_block_puts(
     assert "Pausing worker" not in err, err
     assert not os.path.exists(folder)
     assert survived == planted  # the job (and its watcher, as root here) left the other user's files alone
+
+
+# --- 3: the HTTP servers ---------------------------------------------------------------------
+
+HTTP_JOB = (
+    """
+import json, os, time
+from pathlib import Path
+"""
+    + WAIT_FOR_GO
+    + """
+def ports(dask_worker=None, dask_scheduler=None):
+    server = dask_worker or dask_scheduler
+    return {"http": server.http_server.port, "comms": [int(x.listen_address.rsplit(":", 1)[1]) for x in server.listeners]}
+
+def main(client, inputs):
+    found = [*client.run(ports).values(), client.run_on_scheduler(ports)]
+    Path(os.environ["PROBE_DIR"], "probe.json").write_text(json.dumps({
+        "pids": [os.getpid(), *client.run(os.getpid).values(), client.run_on_scheduler(os.getpid)],
+        "http": [f["http"] for f in found],
+        "comms": sum((f["comms"] for f in found), []),
+    }))
+    wait_for_go()
+"""
+)
+
+# connects to every address given and asks for Dask's worker page; prints what each answered
+PROBE_HTTP = """
+import json, socket, sys
+answers = {}
+for target in sys.argv[1:]:
+    try:
+        if target.startswith("/"):
+            s = socket.socket(socket.AF_UNIX)
+            s.settimeout(1)
+            s.connect(target)
+        else:
+            host, port = target.rsplit(":", 1)
+            s = socket.create_connection((host, int(port)), timeout=1)
+        s.sendall(b"GET /info/main/workers.html HTTP/1.0\\r\\nHost: localhost\\r\\n\\r\\n")
+        try:
+            answers[target] = s.recv(200).decode("latin-1")
+        except OSError as exc:
+            answers[target] = f"no answer: {type(exc).__name__}"
+        s.close()
+    except OSError as exc:
+        answers[target] = f"refused: {type(exc).__name__}"
+print(json.dumps(answers), flush=True)
+"""
+
+
+def _tcp_listeners(pids: list[int]) -> set[str]:
+    """The TCP listeners of the job's ranks, less the launcher's own (held by mpiexec too)."""
+    launcher = {
+        p.pid for p in psutil.process_iter(["name"]) if p.info["name"] in ("mpiexec", "mpirun", "prterun")
+    }
+    seen: dict[str, set[int]] = {}
+    for c in psutil.net_connections(kind="tcp"):
+        if c.status == psutil.CONN_LISTEN and c.pid is not None:
+            seen.setdefault(f"{c.laddr.ip}:{c.laddr.port}", set()).add(c.pid)
+    return {a for a, holders in seen.items() if holders & set(pids) and not holders & launcher}
+
+
+def _probe(user: str | None, targets: list[str]) -> dict:
+    if user is None:
+        run = subprocess.run(
+            [sys.executable, "-I", "-c", PROBE_HTTP, *targets], capture_output=True, text=True, timeout=120
+        )
+        assert run.returncode == 0, run
+        answers: dict = json.loads(run.stdout)
+        return answers
+    with as_user(user, PROBE_HTTP + "\nsys.stdin.read()\n", *targets) as answers:
+        return answers
+
+
+@pytest.mark.usefixtures("clean_shm")
+def test_no_dask_process_answers_http_to_anyone_unless_the_dashboard_is_asked_for(tmp_path, other_user):
+    with Job(tmp_path, HTTP_JOB, 4, "-q") as job:
+        probe = job.probe()
+        listeners = _tcp_listeners(probe["pids"])
+        former = [f"127.0.0.1:{port}" for port in probe["http"]]  # where Dask's HTTP servers were
+        assert not set(former) & listeners, (former, listeners)
+        assert {int(a.rsplit(":", 1)[1]) for a in listeners} >= set(probe["comms"])
+        for user in (None, other_user):  # root, then another user
+            answers = _probe(user, sorted(listeners) + former)
+            http = {t: a for t, a in answers.items() if a.startswith("HTTP/")}
+            assert not http, (user, http)
+            assert all(answers[t].startswith("refused") for t in former), answers
+        code, out, err = job.finish()
+    assert code == 0, (out, err)
+
+
+@pytest.mark.usefixtures("clean_shm")
+def test_the_dashboard_is_on_a_unix_socket_only_the_jobs_user_reaches(tmp_path, other_user):
+    with Job(tmp_path, HTTP_JOB, 4, "--dashboard") as job:
+        probe = job.probe()
+        listeners = _tcp_listeners(probe["pids"])
+        sockets = [
+            c.laddr
+            for pid in probe["pids"]
+            for c in psutil.Process(pid).net_connections(kind="unix")
+            if c.laddr.endswith("/dashboard.sock")
+        ]
+        assert len(sockets) == 1, sockets
+        path = sockets[0]
+        assert (
+            os.stat(path).st_mode & 0o777 == 0o600 and os.stat(os.path.dirname(path)).st_mode & 0o777 == 0o700
+        )
+        mine = _probe(None, [path, *sorted(listeners)])
+        assert mine[path].startswith("HTTP/1.1 200"), mine  # the job's user gets the page
+        assert not [t for t, a in mine.items() if t != path and a.startswith("HTTP/")], mine
+        theirs = _probe(other_user, [path, *sorted(listeners)])
+        assert theirs[path] == "refused: PermissionError", theirs
+        assert not [t for t, a in theirs.items() if a.startswith("HTTP/")], theirs
+        code, out, err = job.finish()
+    assert code == 0, (out, err)
+    assert f"ssh -N -J LOGIN-NODE -L 8787:{path} " in err, err
