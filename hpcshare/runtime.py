@@ -186,6 +186,10 @@ def _run(
     world = MPI.COMM_WORLD if comm is None else comm
     install_handler(only_if_unconfigured=True)
     config, main_fn, sources, tables = _preflight(world, main, inputs, options)
+    if config.tls and world.Get_rank() == 0:  # the certificates' library loads while the inputs are placed
+        from .security import warm_up
+
+        warm_up()
     with contextlib.ExitStack() as stack:
         topo = stack.enter_context(Topology.create(world, config.ranks_per_node))
         generation = job.generation = sync.bcast(world, uuid.uuid4().hex[:12] if topo.rank == 0 else None)

@@ -28,6 +28,7 @@ import dataclasses
 import datetime
 import ipaddress
 import socket
+import threading
 from typing import TYPE_CHECKING, Any
 
 import psutil
@@ -44,6 +45,7 @@ __all__ = [
     "listen_interface",
     "make_credentials",
     "share_credentials",
+    "warm_up",
 ]
 
 _JOB_NAME = "hpcshare-job"
@@ -116,6 +118,19 @@ def make_credentials() -> Credentials:
         cert=cert.public_bytes(pem).decode(),
         key=key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()).decode(),
     )
+
+
+def warm_up() -> threading.Thread:
+    """Load the certificate library in a background thread, so :func:`make_credentials` is quick later (local).
+
+    The first credentials of a process cost ~0.17 s, nearly all of it loading
+    ``cryptography``'s OpenSSL bindings; a later call costs ~1 ms. Rank 0
+    starts this when the job starts, and loads them while the ranks place
+    the inputs, instead of while every rank waits for the certificates.
+    """
+    thread = threading.Thread(target=make_credentials, name="hpcshare-tls-warm-up", daemon=True)
+    thread.start()
+    return thread
 
 
 def share_credentials(world: MPI.Intracomm, timeout: float) -> Credentials:
