@@ -145,9 +145,17 @@ def _parser() -> argparse.ArgumentParser:
         "else the host address's interface)",
     )
     job.add_argument(
+        "--dashboard",
+        action="store_true",
+        default=None,
+        help="serve the Dask dashboard on a Unix socket only you can reach (the job prints the ssh "
+        "command); without it no Dask process serves HTTP",
+    )
+    job.add_argument(
         "--dashboard-address",
         metavar="HOST:PORT",
-        help="where the Dask dashboard listens (default localhost:8787; a wider address has no login)",
+        help="with --dashboard: serve it on TCP at HOST:PORT instead, with no login: everyone who "
+        "can reach the address (on localhost: every user of the node) sees the job",
     )
     job.add_argument(
         "--no-tls",
@@ -278,6 +286,7 @@ def parse_job(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> JobArg
         "memory_limit": ns.memory_limit,
         "quiet": ns.quiet,
         "interface": ns.interface,
+        "dashboard": ns.dashboard,
         "dashboard_address": ns.dashboard_address,
         "tls": ns.tls,
     }
@@ -330,7 +339,7 @@ def _interrupted(signum: int, frame: Any) -> None:
 
 
 def _job(args: JobArgs) -> int:
-    from .errors import HpcshareError
+    from .errors import HpcshareError, describe, exit_code_of
     from .topology import check_launch
 
     try:
@@ -353,11 +362,12 @@ def _job(args: JobArgs) -> int:
     try:
         runtime.run(main, inputs, **dict(args.options))
     except HpcshareError as exc:
+        code = exit_code_of(exc)  # sys.exit(n) in main: n
         if sync.origin_of(exc) is None:
-            print(f"hpcshare: error: {exc}", file=sys.stderr, flush=True)
+            print(f"hpcshare: error: {describe(exc)}", file=sys.stderr, flush=True)
         if not sync.agreed(exc):
-            ending.abort(code=1)
-        return _failed()
+            ending.abort(code=code)
+        return _failed(code)
     except Exception as exc:
         if sync.origin_of(exc) is None:
             traceback.print_exc()
@@ -380,8 +390,8 @@ def _supervised() -> None:
         supervise.start(rank, role_of(rank))
 
 
-def _failed() -> int:
-    """Exit code 1, after unlinking the MPI library's files this rank maps (local).
+def _failed(code: int = 1) -> int:
+    """Exit code ``code``, after unlinking the MPI library's files this rank maps (local).
 
     The first rank to exit non-zero makes ``srun --kill-on-bad-exit`` kill
     the others, and the watcher with them, before MPI_Finalize removes them.
@@ -389,7 +399,7 @@ def _failed() -> int:
     from . import shm
 
     shm.unlink_mapped()
-    return 1
+    return code
 
 
 def _bench(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

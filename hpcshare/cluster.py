@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DaskCluster",
     "ViewGuard",
+    "exit_code",
     "idle_startup_comm",
     "quiet_dask_logs",
 ]
@@ -188,59 +189,90 @@ def _task_key(exc: BaseException) -> Any:
 
 
 def _exit_guard(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Run a task; SystemExit and KeyboardInterrupt, which distributed lets out of it, end the job.
+
+    distributed turns every other BaseException of a task into the task's error.
+    """
     try:
         return fn(*args, **kwargs)
-    except SystemExit as exc:
+    except (SystemExit, KeyboardInterrupt) as exc:
         from mpi4py import MPI
 
-        key = _task_key(exc)
-        rank = MPI.COMM_WORLD.Get_rank()
+        if isinstance(exc, SystemExit):
+            did, code = f"called sys.exit({exc.code!r})", exit_code(exc.code)
+        else:
+            did, code = "raised KeyboardInterrupt", 1
         print(
-            f"hpcshare: error: task {key!r} called sys.exit({exc.code!r}) on worker rank {rank} "
+            f"hpcshare: error: task {_task_key(exc)!r} {did} on worker rank {MPI.COMM_WORLD.Get_rank()} "
             f"({socket.gethostname()}); a task cannot end its worker, raise an exception instead. "
             "Ending the job.",
             file=sys.stderr,
             flush=True,
         )
-        ending.abort(code=exc.code if isinstance(exc.code, int) and 0 < exc.code < 256 else 1)
+        ending.abort(code=code or 1)
         raise  # not reached
 
 
-def _has_bokeh() -> bool:
+def exit_code(code: object) -> int:
+    """The process exit code ``sys.exit(code)`` asks for: None is 0, a number itself, a message 1 (local)."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code & 0xFF
+    return 1
+
+
+def _dashboard_served(dask_scheduler: Any) -> tuple[str, str, bool]:
+    """On the scheduler: its host, where its dashboard serves ("" for nowhere), whether bokeh is there."""
     import importlib.util
 
-    return importlib.util.find_spec("bokeh") is not None
+    http = dask_scheduler.services.get("dashboard")
+    where = ""
+    if http is not None and getattr(http, "_sockets", None):  # a closed server has no sockets left
+        where = str(http.address) if str(http.address).startswith("/") else f"{http.address}:{http.port}"
+    return socket.gethostname(), where, importlib.util.find_spec("bokeh") is not None
 
 
-def _dashboard_hint(client: Client, address: str) -> str:
-    """How to reach the Dask dashboard from a laptop, or why there is none (local, on the client)."""
-    from .security import dashboard_is_open
-
-    port = client.scheduler_info().get("services", {}).get("dashboard")
-    host = client.run_on_scheduler(socket.gethostname)
-    if dashboard_is_open(address):
+def _dashboard_hint(client: Client, config: JobConfig) -> str:
+    """How to reach the Dask dashboard from a laptop, or that there is none (local, on the client)."""
+    if not config.dashboard:
+        return "hpcshare: no Dask dashboard (--dashboard serves one that only you can reach)"
+    host, where, bokeh = client.run_on_scheduler(_dashboard_served)
+    pages = (
+        ""
+        if bokeh
+        else " (Dask's info pages only: the dashboard needs bokeh, pip install 'hpcshare[dashboard]')"
+    )
+    if not where:
+        return "hpcshare: warning: no Dask dashboard: the scheduler could not serve it (see above)"
+    if not where.startswith("/"):
         return (
-            f"hpcshare: warning: the scheduler's HTTP server (the Dask dashboard, with bokeh) listens "
-            f"on {address} on {host} with no login: everyone who can reach it sees the job's tasks "
-            "and workers; the default, localhost:8787, keeps it to this node (reach it with an ssh "
-            "forward)"
+            f"hpcshare: warning: the Dask dashboard{pages} listens on {where} on {host} (--dashboard-address) "
+            "with no login: everyone who can reach that address sees the job's tasks, workers, their logs "
+            "and call stacks; on localhost that is every user of the node. Leave out --dashboard-address "
+            "to serve it on a Unix socket only you can reach."
         )
-    if not port or not client.run_on_scheduler(_has_bokeh):  # without bokeh the page says "install bokeh"
-        return "hpcshare: no Dask dashboard (it needs bokeh: pip install 'hpcshare[dashboard]')"
     return (
-        f"hpcshare: Dask dashboard on {host}, port {port}, loopback only; from your machine: "
-        f"ssh -N -J LOGIN-NODE -L {port}:localhost:{port} {host}, then open http://localhost:{port}/status"
+        f"hpcshare: Dask dashboard{pages} on {host}, on a Unix socket only you can reach; from your "
+        f"machine: ssh -N -J LOGIN-NODE -L 8787:{where} {host}, then open http://localhost:8787/status"
     )
 
 
 def _call_main(
     main: MainFunction, client: Client, handles: Mapping[str, Handle]
 ) -> tuple[Any, BaseException | None]:
-    """``main(client, handles)``; what it raised, SystemExit and Ctrl-C included, as a JobFailed."""
+    """``main(client, handles)``; what it raised, SystemExit and Ctrl-C included, as a JobFailed.
+
+    ``sys.exit()`` and ``sys.exit(0)`` are a success; ``sys.exit(n)`` a
+    JobFailed whose ``exit_code`` is n (the CLI's exit code on every rank).
+    """
     try:
         return main(client, dict(handles)), None
     except SystemExit as exc:
-        return None, JobFailed(f"the job's main called sys.exit({exc.code!r})")
+        code = exit_code(exc.code)
+        if code == 0:
+            return None, None
+        return None, JobFailed(f"the job's main called sys.exit({exc.code!r})", exit_code=code)
     except BaseException as exc:  # KeyboardInterrupt too: the cluster must still stop
         traceback.print_exc()
         sys.stderr.flush()
@@ -273,7 +305,7 @@ def client_main(
     try:
         client.wait_for_workers(n_workers, timeout=config.timeout)
         client.register_plugin(ViewGuard(), name=ViewGuard.name)
-        hint = _dashboard_hint(client, config.dashboard_address)
+        hint = _dashboard_hint(client, config)
         if not config.quiet or "warning" in hint:
             print(hint, file=sys.stderr, flush=True)
         return _call_main(main, client, handles)
@@ -297,12 +329,12 @@ class DaskCluster:
         config: JobConfig,
         memory_limit: int,
         local_directory: str | None = None,
-        generation: str = "",
+        put_folder: str = "",
     ) -> None:
         self.topo, self.config = topo, config
         self.memory_limit = memory_limit  #: each worker's, from memory.worker_memory_limit
         self.local_directory = local_directory  #: the job's private scratch folder on this host
-        self.generation = generation  #: names the job's put objects (hpcshare.put)
+        self.put_folder = put_folder  #: the job's folder of put objects on this host (hpcshare.put)
 
     def __enter__(self) -> DaskCluster:
         import dask
@@ -327,10 +359,8 @@ class DaskCluster:
         options: dict[str, Any] = {"name": f"rank-{self.topo.rank}"}
         if self.topo.role == "worker":
             options["executor"] = _task_executor(self.config.nthreads)
-            put_files = functools.partial(
-                store.node_files, self.config.shm_dir, self.generation, self.topo.node_index
-            )
-            options["plugins"] = {PrivateMemory(put_files, workers_on_node)}
+            put_bytes = functools.partial(store.node_bytes, self.put_folder, self.topo.node_index)
+            options["plugins"] = {PrivateMemory(put_bytes, workers_on_node)}
         return options
 
     def run(self, main: MainFunction, handles: Mapping[str, Handle]) -> tuple[Any, BaseException | None]:
@@ -343,6 +373,7 @@ class DaskCluster:
         import dask
         from dask_mpi import initialize
 
+        from .dashboard import preload_config
         from .exchange import begin_collective_phase
         from .security import dask_tls_config, listen_interface, share_credentials
 
@@ -352,7 +383,8 @@ class DaskCluster:
             if self.config.tls:
                 tls = dask_tls_config(share_credentials(self.topo.world, self.config.timeout))
             scratch = {"temporary-directory": self.local_directory} if self.local_directory else {}
-            with dask.config.set({**tls, **scratch}):
+            http = preload_config(self.config.dashboard, self.config.dashboard_address, self.local_directory)
+            with dask.config.set({**tls, **scratch, **http}):
                 is_client = initialize(
                     comm=idle_startup_comm(self.topo.world, self.config.timeout),
                     exit=False,
@@ -361,7 +393,9 @@ class DaskCluster:
                     nthreads=self.config.nthreads,
                     local_directory=self.local_directory,
                     memory_limit=self.memory_limit,
-                    dashboard_address=self.config.dashboard_address,
+                    dashboard=self.config.dashboard,
+                    # closed once the scheduler has started, unless it is the user's (hpcshare.dashboard)
+                    dashboard_address=self.config.dashboard_address or "127.0.0.1:0",
                     worker_options=self._worker_options(),
                 )
                 if is_client:

@@ -44,6 +44,7 @@ _KEYS = {
     "placement_timeout": "hpcshare.placement-timeout",
     "nthreads": "hpcshare.worker.nthreads",
     "memory_limit": "hpcshare.worker.memory-limit",
+    "dashboard": "hpcshare.dashboard",
     "dashboard_address": "hpcshare.dashboard-address",
     "tls": "hpcshare.tls",
     "interface": "hpcshare.interface",
@@ -118,7 +119,8 @@ class JobConfig:
     placement_timeout: float = 3600.0  # reading inputs, running source functions
     nthreads: int = 1
     memory_limit: int | None = None  # None: auto
-    dashboard_address: str = "localhost:8787"
+    dashboard: bool = False  # no HTTP server at all unless asked for
+    dashboard_address: str = ""  # with dashboard: "" for a Unix socket in the scratch folder, else HOST:PORT
     tls: bool = True
     interface: str | None = None  # None: loopback on one host, else the host address's interface
     dask_log_level: str = "warning"
@@ -168,7 +170,8 @@ class JobConfig:
             memory_limit=None
             if memory_limit in (None, "auto")
             else size_in_bytes("memory_limit", memory_limit),
-            dashboard_address=str(raw["dashboard_address"]),
+            dashboard=parse_flag(raw["dashboard"]),
+            dashboard_address=str(raw["dashboard_address"] or ""),
             tls=parse_flag(raw["tls"]),
             interface=str(raw["interface"]) if raw["interface"] not in (None, "", "auto") else None,
             dask_log_level=level,

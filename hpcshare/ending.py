@@ -7,6 +7,7 @@ the runtime) imports it, and it imports only what ending needs.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -46,7 +47,7 @@ def launcher_gone() -> bool:
 
 
 def remove_scratch() -> None:
-    """Remove the running job's scratch folder on this host (local, idempotent).
+    """Remove the running job's scratch folder on this host, and its folder of put objects if empty (local, idempotent).
 
     Before an abort or on SIGTERM, when the batch system may kill the
     watcher too.
@@ -54,6 +55,9 @@ def remove_scratch() -> None:
     job = context.current()
     if job is not None and job.scratch is not None:
         shutil.rmtree(job.scratch, ignore_errors=True)
+    if job is not None and job.shm_dir:  # the folder of put objects, once its files are unlinked
+        with contextlib.suppress(OSError):
+            os.rmdir(job.shm_dir)
 
 
 def end_with_launcher(job: context.JobContext) -> None:

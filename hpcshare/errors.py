@@ -18,6 +18,8 @@ __all__ = [
     "ResolveError",
     "TopologyError",
     "WaitTimeout",
+    "describe",
+    "exit_code_of",
 ]
 
 
@@ -69,7 +71,26 @@ class ResolveError(HpcshareError, LookupError):
 
 
 class JobFailed(HpcshareError, RuntimeError):
-    """The job's ``main`` raised on the client rank; its traceback was printed there."""
+    """The job's ``main`` raised on the client rank (its traceback was printed there), or called ``sys.exit(n)``.
+
+    ``exit_code`` is what the command line exits with on every rank: ``n``
+    for ``sys.exit(n)``, else 1.
+    """
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code  # pickled with the instance's __dict__: every rank gets it (sync.agree)
+
+
+def exit_code_of(exc: BaseException) -> int:
+    """The exit code a job that failed with ``exc`` ends with: a JobFailed's own, else 1."""
+    code = getattr(exc, "exit_code", 1)
+    return code if isinstance(code, int) and 0 < code < 256 else 1
+
+
+def describe(exc: BaseException) -> str:
+    """``exc``'s message, or its type's name when it has none (``KeyboardInterrupt()``)."""
+    return str(exc) or type(exc).__name__
 
 
 class WaitTimeout(HpcshareError, TimeoutError):

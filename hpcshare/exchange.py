@@ -27,7 +27,6 @@ Every wait is idle (short, growing sleeps; no spinning) and bounded by
 from __future__ import annotations
 
 import contextlib
-import itertools
 import mmap
 import threading
 import time
@@ -115,10 +114,9 @@ class Exchange:
     leaving stops it and unlinks the node's object files.
     """
 
-    def __init__(self, topo: Topology, config: JobConfig, generation: str) -> None:
+    def __init__(self, topo: Topology, config: JobConfig, generation: str, folder: str) -> None:
         self.topo, self.config, self.generation = topo, config, generation
         self.timeout = config.timeout
-        self._names = itertools.count()
         self._put_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -126,7 +124,7 @@ class Exchange:
         self.leaders: dict[int, int] = {}  # node -> world rank of its leader
         self.nodes_on_host = 1
         self.threads_ok = True
-        self.joined = store.Joined(config.shm_dir, topo.node_index, owner=topo.is_leader)
+        self.joined = store.Joined(folder, topo.node_index, owner=topo.is_leader)
         job = context.current()
         if job is None:
             raise HpcshareError("the put service runs only inside a running hpcshare job (hpcshare.run)")
@@ -188,7 +186,7 @@ class Exchange:
                 "did not provide; use an MPI built with thread support (MPICH, Open MPI 5, Intel MPI)"
             )
         with self._put_lock:
-            name = f"p{self.topo.rank}x{next(self._names)}"
+            name = store.new_name(self.topo.rank)
             what = f"hpcshare.put of {enc.summary} ({format_bytes(enc.nbytes)})"
             t = time.perf_counter()
             self._check_room(enc.nbytes, what)
@@ -200,7 +198,12 @@ class Exchange:
                 self._go(what, abort=True)
                 raise
             try:
-                self._go(what)
+                self._go(what)  # a node that refused made nothing; the others unlink theirs on abort
+            except BaseException:
+                store.close_writable(mm)
+                store.release(name, self.generation)
+                raise
+            try:
                 view = self._write_and_send(path, mm, enc, what)
             except BaseException:
                 self._unlink_everywhere(name)
@@ -242,15 +245,18 @@ class Exchange:
         """Every other node's answer to :meth:`_announce`; then ``go`` to all, or ``abort`` (point-to-point)."""
         others = self._others()
         comm = self.comm_()
-        refusals = []
+        refusals, ready = [], []
         for node, leader in others.items():
             answer = _receive(comm, leader, _REPLY, self.timeout, f"node {node}'s leader to allocate")
-            if answer != "ready":
+            if answer == "ready":
+                ready.append(leader)
+            else:
                 refusals.append(f"node {node}: {answer}")
-        for leader in others.values():
+        for leader in ready:  # a node that refused waits for nothing more
             comm.send("abort" if refusals or abort else "go", dest=leader, tag=_GO)
         if refusals:
-            raise CapacityError(f"{what}: {'; '.join(refusals)}")
+            full = all(r.split(": ", 2)[1] == CapacityError.__name__ for r in refusals)
+            raise (CapacityError if full else HpcshareError)(f"{what}: {'; '.join(refusals)}")
 
     def _write_and_send(self, path: str, mm: mmap.mmap, enc: codec.Encoded, what: str) -> memoryview:
         """Write this node's file, sending each piece to the other nodes as soon as it is written."""

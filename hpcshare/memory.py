@@ -220,18 +220,19 @@ class PrivateMemory(WorkerPlugin):
     Replaces the worker's :meth:`SystemMonitor.get_process_memory` (the one
     place distributed samples process memory: spilling, pausing, the
     dashboard and the scheduler's "unmanaged memory" all read it). The
-    objects put on the node while the job runs (``put_files()`` lists them)
-    are divided among the node's workers and added: they come out of the
-    private budgets the limits were made from. Without ``put_files`` (a Dask
-    cluster hpcshare did not start, whose limits know nothing of shared
-    objects) it measures private memory only.
+    objects put on the node while the job runs (``put_bytes()``, their size,
+    from the job's private folder: nobody else's files count) are divided
+    among the node's workers and added: they come out of the private budgets
+    the limits were made from. Without ``put_bytes`` (a Dask cluster
+    hpcshare did not start, whose limits know nothing of shared objects) it
+    measures private memory only.
     """
 
     name = "hpcshare-private-memory"
     _RESCAN = 1.0  # seconds between listings of the node's put objects
 
-    def __init__(self, put_files: Any = None, workers_on_node: int = 1) -> None:
-        self.put_files, self.workers_on_node = put_files, max(workers_on_node, 1)
+    def __init__(self, put_bytes: Any = None, workers_on_node: int = 1) -> None:
+        self.put_bytes, self.workers_on_node = put_bytes, max(workers_on_node, 1)
         self._puts, self._scanned = 0, -self._RESCAN
 
     def setup(self, worker: Any) -> None:
@@ -245,15 +246,9 @@ class PrivateMemory(WorkerPlugin):
             del monitor.get_process_memory
 
     def measure(self) -> int:
-        if self.put_files is None:
+        if self.put_bytes is None:
             return private_memory()
         now = time.monotonic()
         if now - self._scanned >= self._RESCAN:
-            self._scanned, total = now, 0
-            for path in self.put_files():
-                try:
-                    total += os.path.getsize(path)
-                except OSError:
-                    pass  # freed meanwhile
-            self._puts = total
+            self._scanned, self._puts = now, int(self.put_bytes())
         return private_memory() + self._puts // self.workers_on_node

@@ -24,7 +24,7 @@ from dask.utils import format_bytes
 from . import context, ending, shm, store, sync
 from .cluster import DaskCluster
 from .config import JobConfig
-from .errors import ConfigError
+from .errors import ConfigError, describe
 from .exchange import Exchange, collective_phase
 from .handles import Handle
 from .importing import MainFunction, load_main
@@ -41,16 +41,15 @@ if TYPE_CHECKING:
 __all__ = ["run"]
 
 
-def _scratch_folder(topo: Topology, job: context.JobContext, stack: contextlib.ExitStack) -> str:
-    """The job's private scratch folder on this host, for Dask's spill and worker files (collective on host).
+def _host_folder(topo: Topology, stack: contextlib.ExitStack, prefix: str, parent: str | None = None) -> str:
+    """A folder of the job on this host: mode 0700, a random name (collective on host).
 
-    Host rank 0 makes it (mode 0700, in the temporary directory: Slurm's
-    $TMPDIR where set) and removes it at the end; the watcher removes it if
-    the job is killed. Dask would otherwise leave ``dask-scratch-space`` in
-    /tmp after an abort.
+    Host rank 0 makes it (in ``parent``, default the temporary directory:
+    Slurm's $TMPDIR where set) and removes it at the end; the watcher removes
+    it if the job is killed. Nobody else can list it, add to it or guess its name.
     """
-    path = tempfile.mkdtemp(prefix=f"hpcshare-{job.generation}-") if topo.host.Get_rank() == 0 else None
-    path = job.scratch = sync.bcast(topo.host, path)
+    path = tempfile.mkdtemp(prefix=prefix, dir=parent) if topo.host.Get_rank() == 0 else None
+    path = sync.bcast(topo.host, path)
     if topo.host.Get_rank() == 0:
         stack.callback(shutil.rmtree, path, ignore_errors=True)
     return path
@@ -121,7 +120,7 @@ def _end_of_job_report(
     placement: Placement,
     tables: Mapping[str, Handle],
     config: JobConfig,
-    generation: str,
+    put_folder: str,
     error: BaseException | None,
 ) -> None:
     """The memory report; a rank that does not arrive in time ends the job (collective on world).
@@ -129,20 +128,20 @@ def _end_of_job_report(
     Table inputs (``x.parquet``, ``x.arrow:table``) are inputs in the report, though
     they are held as put objects are.
     """
-    table_files = {store.file_name(generation, h.name, topo.node_index) for h in tables.values()}
+    table_files = {store.file_name(h.name, topo.node_index) for h in tables.values()}
     objects = 0
     if topo.is_leader:  # the objects put while the job ran, still on this node
         objects = sum(
-            os.path.getsize(p)
-            for p in store.node_files(config.shm_dir, generation, topo.node_index)
-            if os.path.basename(p) not in table_files
+            size
+            for path, size in store.node_files(put_folder, topo.node_index)
+            if os.path.basename(path) not in table_files
         )
     nbytes = placement.nbytes + sum(getattr(h, "nbytes", 0) for h in tables.values())
     try:
         print_report(topo, nbytes, len(placement.inputs) + len(tables), config, objects)
     except sync.WaitTimeout as exc:
         if error is not None:
-            print(f"hpcshare: error: {error}", file=sys.stderr, flush=True)
+            print(f"hpcshare: error: {describe(error)}", file=sys.stderr, flush=True)
         print(f"hpcshare: {exc}; aborting the job", file=sys.stderr, flush=True)
         ending.abort(topo.world, 1)
 
@@ -214,29 +213,31 @@ def _run(
     world = MPI.COMM_WORLD if comm is None else comm
     install_handler(only_if_unconfigured=True)
     config, main_fn, sources, tables = _preflight(world, main, inputs, options)
+    if config.tls and world.Get_rank() == 0:  # the certificates' library loads while the inputs are placed
+        from .security import warm_up
+
+        warm_up()
     with contextlib.ExitStack() as stack:
         topo = stack.enter_context(Topology.create(world, config.ranks_per_node))
         generation = job.generation = sync.bcast(world, uuid.uuid4().hex[:12] if topo.rank == 0 else None)
-        scratch = _scratch_folder(topo, job, stack)
-        stack.enter_context(
-            shm.Watcher(topo, config.shm_dir, prefix=store.job_prefix(generation), folder=scratch)
-        )
+        # Dask's spill and worker files (it would leave dask-scratch-space in /tmp after an abort)
+        scratch = job.scratch = _host_folder(topo, stack, f"hpcshare-{generation}-")
+        puts = _host_folder(topo, stack, f"hpcshare-{generation}-", config.shm_dir)  # hpcshare.put's files
+        stack.enter_context(shm.Watcher(topo, config.shm_dir, folders=(scratch, puts)))
         placement = stack.enter_context(
             place_inputs(topo, sources, config, generation, gather_stats=on_placed is not None)
         )
         if on_placed is not None:
             with sync.Collective(world, timeout=config.timeout):
                 on_placed(placement.stats)
-        exchange = stack.enter_context(Exchange(topo, config, generation))  # hpcshare.put from here on
+        exchange = stack.enter_context(Exchange(topo, config, generation, puts))  # hpcshare.put from here on
         tables_placed = _place_tables(topo, exchange, tables, config)
         handles = {**placement.handles, **tables_placed}
         with sync.Collective(world, timeout=config.timeout):  # a budget too small for a worker fails here
             memory_limit = worker_memory_limit(topo, config, placement.nbytes)
-        with DaskCluster(
-            topo, config, memory_limit, local_directory=scratch, generation=generation
-        ) as cluster:
+        with DaskCluster(topo, config, memory_limit, local_directory=scratch, put_folder=puts) as cluster:
             result, error = cluster.run(main_fn, handles)
         with collective_phase():  # the report measures collectively
-            _end_of_job_report(topo, placement, tables_placed, config, generation, error)
+            _end_of_job_report(topo, placement, tables_placed, config, puts, error)
     sync.agree(world, error, config.timeout)
     return result if topo.rank == CLIENT_RANK else None

@@ -15,8 +15,9 @@ user and read its data, so by default:
 - the scheduler and workers listen on one interface (:func:`listen_interface`):
   loopback when the whole job is on one host, else the interface the
   host's own address is on, or the one ``hpcshare.interface`` names;
-- the dashboard listens on loopback unless ``hpcshare.dashboard-address``
-  says otherwise (:func:`dashboard_is_open` then warns: it has no login).
+- no Dask process serves HTTP unless the job asks for the dashboard, and
+  then on a Unix socket in the job's 0700 scratch folder
+  (:mod:`hpcshare.dashboard`).
 
 ``hpcshare.tls: false`` (``--no-tls``) turns TLS off; the interface rules stay.
 """
@@ -27,6 +28,7 @@ import dataclasses
 import datetime
 import ipaddress
 import socket
+import threading
 from typing import TYPE_CHECKING, Any
 
 import psutil
@@ -39,11 +41,11 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Credentials",
-    "dashboard_is_open",
     "dask_tls_config",
     "listen_interface",
     "make_credentials",
     "share_credentials",
+    "warm_up",
 ]
 
 _JOB_NAME = "hpcshare-job"
@@ -116,6 +118,19 @@ def make_credentials() -> Credentials:
         cert=cert.public_bytes(pem).decode(),
         key=key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()).decode(),
     )
+
+
+def warm_up() -> threading.Thread:
+    """Load the certificate library in a background thread, so :func:`make_credentials` is quick later (local).
+
+    The first credentials of a process cost ~0.17 s, nearly all of it loading
+    ``cryptography``'s OpenSSL bindings; a later call costs ~1 ms. Rank 0
+    starts this when the job starts, and loads them while the ranks place
+    the inputs, instead of while every rank waits for the certificates.
+    """
+    thread = threading.Thread(target=make_credentials, name="hpcshare-tls-warm-up", daemon=True)
+    thread.start()
+    return thread
 
 
 def share_credentials(world: MPI.Intracomm, timeout: float) -> Credentials:
@@ -194,14 +209,3 @@ def listen_interface(requested: str | None, hosts: int) -> str:
             f"one of {', '.join(sorted(names))}"
         )
     return name
-
-
-def dashboard_is_open(address: str) -> bool:
-    """Whether a dashboard address (``host:port``) listens beyond loopback."""
-    host = address.rsplit(":", 1)[0].strip("[]") if ":" in address else address
-    if host in ("localhost", ""):
-        return host == ""
-    try:
-        return not ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return True  # a host name: whatever it resolves to, not only loopback

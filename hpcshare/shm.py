@@ -17,18 +17,19 @@ those files lives here:
   library's (MPICH ``mpich_shm_*``, Open MPI ``sm_segment.*``, ...).
 
 This file is also the watcher's program (``python -I shm.py PIDS PATH...``,
-a PATH ending in ``*`` a prefix of files made later, one ending in ``/`` a
-folder removed with what it holds),
+a PATH ending in ``/`` a folder removed with what it holds),
 so it imports nothing but the standard library at module level.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import mmap
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import time
@@ -123,9 +124,21 @@ def _names_mapped_by_anyone(shm_dir: str) -> set[str]:
     return found
 
 
+def _mine(path: str) -> bool:
+    """Whether ``path`` belongs to this process's user (never followed through a link)."""
+    try:
+        return os.lstat(path).st_uid == os.getuid()
+    except OSError:
+        return False
+
+
 def orphaned_names(before: Iterable[str], shm_dir: str = SHM_DIR) -> set[str]:
-    """Files in ``shm_dir`` that are not in ``before`` and that no live process maps (local)."""
-    return names(shm_dir) - set(before) - _names_mapped_by_anyone(shm_dir)
+    """This user's files in ``shm_dir`` that are not in ``before`` and that no live process maps (local).
+
+    Other users' files are theirs to answer for, also when this runs as root.
+    """
+    new = names(shm_dir) - set(before) - _names_mapped_by_anyone(shm_dir)
+    return {n for n in new if _mine(os.path.join(shm_dir, n))}
 
 
 def sweep_orphans(before: Iterable[str], shm_dir: str = SHM_DIR) -> list[str]:
@@ -190,10 +203,8 @@ class Watcher:
     the watcher sees the ranks end and exits by itself.
     """
 
-    def __init__(
-        self, topo: Topology, shm_dir: str = SHM_DIR, prefix: str | None = None, folder: str | None = None
-    ) -> None:
-        self.topo, self.shm_dir, self.prefix, self.folder = topo, shm_dir, prefix, folder
+    def __init__(self, topo: Topology, shm_dir: str = SHM_DIR, folders: Iterable[str] = ()) -> None:
+        self.topo, self.shm_dir, self.folders = topo, shm_dir, tuple(folders)
         self.process: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> Watcher:
@@ -203,10 +214,7 @@ class Watcher:
         if PROCESS.watcher is not None or self.topo.host.Get_rank() != 0 or pids is None:
             return self  # once per process: a second job in the same ranks is already watched
         paths = mapped_shm_files(self.shm_dir)
-        if self.prefix:  # files made later, while the job runs (hpcshare.put)
-            paths.append(os.path.join(self.shm_dir, self.prefix) + "*")
-        if self.folder:  # the job's private scratch folder, removed with all it holds
-            paths.append(self.folder.rstrip("/") + "/")
+        paths += [f.rstrip("/") + "/" for f in self.folders]  # the job's folders, removed with all they hold
         if paths:
             self.process = PROCESS.watcher = subprocess.Popen(
                 [sys.executable, "-I", os.path.abspath(__file__), ",".join(map(str, pids)), *paths],
@@ -238,33 +246,42 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _identity(path: str) -> tuple[int, int] | None:
+    """The device and inode of ``path`` if it is this user's and not a link, else None."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if st.st_uid == os.getuid() and not stat.S_ISLNK(st.st_mode) else None
+
+
 def _watch(argv: list[str]) -> int:
-    """The watcher's program: ``PID[,PID...] PATH [PATH...]``."""
+    """The watcher's program: ``PID[,PID...] PATH [PATH...]``.
+
+    It may run as root (CI, some sites): it removes only files and folders of
+    its own user, and a folder only if it is still the one it saw at the
+    start, so another user's file that took a name the job used is left alone.
+    """
     pids = [int(p) for p in argv[0].split(",") if p]
-    paths = [p for p in argv[1:] if not p.endswith(("*", "/"))]
-    patterns = [p[:-1] for p in argv[1:] if p.endswith("*")]  # prefixes of files made later
-    folders = [p for p in argv[1:] if p.endswith("/")]  # folders removed with what they hold
-    shm_dir = os.path.dirname((paths or patterns or [SHM_DIR + "/"])[0])
+    paths = {p: _identity(p) for p in argv[1:] if not p.endswith("/")}
+    folders = {
+        p.rstrip("/"): _identity(p.rstrip("/")) for p in argv[1:] if p.endswith("/")
+    }  # with all they hold
+    shm_dir = os.path.dirname(([*paths] or [SHM_DIR + "/"])[0])
     while live := [p for p in pids if _alive(p)]:
         # files the MPI library (any of them) creates while the job runs: whatever the ranks map
         for pid in live:
-            paths += [f for f in mapped_shm_files(shm_dir, pid) if f not in paths]
-        if not patterns and not folders and not any(os.path.exists(p) for p in paths):
+            paths.update({f: _identity(f) for f in mapped_shm_files(shm_dir, pid) if f not in paths})
+        if not folders and not any(os.path.exists(p) for p in paths):
             return 0  # the MPI library cleaned up; nothing left to watch
         time.sleep(_WATCH_EVERY)
-    for prefix in patterns:
-        folder, start = os.path.split(prefix)
-        try:
-            paths += [os.path.join(folder, n) for n in os.listdir(folder) if n.startswith(start)]
-        except OSError:
-            pass
-    for path in paths:
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
-    for folder in folders:
-        shutil.rmtree(folder, ignore_errors=True)
+    for path, seen in paths.items():
+        if seen is not None and _identity(path) == seen:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+    for folder, seen in folders.items():
+        if seen is not None and _identity(folder) == seen:
+            shutil.rmtree(folder, ignore_errors=True)
     return 0
 
 

@@ -1,8 +1,11 @@
 """Objects put while the job runs: one shared file per object per node.
 
 :func:`hpcshare.put` writes an object (encoded by :mod:`hpcshare.codec`)
-into one file per node in the shared-memory directory, named
-``hpcshare-<job generation>-<object name>-n<node>``, mode 0600. Tasks
+into one file per node, ``<object name>-n<node>`` (mode 0600), inside the
+job's folder in the shared-memory directory (mode 0700, a random name, made
+by one rank per host: :mod:`hpcshare.runtime`), so no other user can see, pre-create
+or add to the files the job counts and unlinks. Object names carry a random
+part as well (:func:`new_name`). Tasks
 resolve its handle by mapping their node's file read-only and decoding it
 once per process; later resolves hit this process's cache.
 
@@ -11,8 +14,8 @@ other nodes is :mod:`hpcshare.exchange`'s job.
 
 Lifetimes: a file is unlinked by :func:`release` (``hpcshare.free``) or
 at the end of the job (:class:`Joined`), or, if the job is killed, by the
-host's watcher (:class:`hpcshare.shm.Watcher`, which sweeps the job's
-prefix). Unlinking never unmaps: a view a task still holds stays valid
+host's watcher (:class:`hpcshare.shm.Watcher`, which removes the job's
+folder). Unlinking never unmaps: a view a task still holds stays valid
 until it is dropped, and the memory is returned after that.
 """
 
@@ -21,6 +24,8 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import secrets
+import stat
 import weakref
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +34,7 @@ from dask.sizeof import sizeof
 
 from . import codec, context, registry, shm
 from .context import JobContext
-from .errors import CapacityError, ResolveError
+from .errors import CapacityError, HpcshareError, ResolveError
 
 if TYPE_CHECKING:
     from .handles import ArrayHandle, ObjectHandle
@@ -43,7 +48,8 @@ __all__ = [
     "create",
     "file_name",
     "in_a_job",
-    "job_prefix",
+    "new_name",
+    "node_bytes",
     "node_files",
     "populate",
     "release",
@@ -56,30 +62,30 @@ FREED = (
 _SMALL = 256  # Dask's sizeof of a node-shared object a task holds: it is not this worker's memory
 
 
-def job_prefix(generation: str) -> str:
-    """The start of every file name of this job's objects."""
-    return f"hpcshare-{generation}-"
+def new_name(rank: int) -> str:
+    """A fresh object name: the putting rank and 16 random hex digits (local)."""
+    return f"p{rank}x{secrets.token_hex(8)}"
 
 
-def file_name(generation: str, name: str, node: int) -> str:
-    return f"{job_prefix(generation)}{name}-n{node}"
+def file_name(name: str, node: int) -> str:
+    return f"{name}-n{node}"
 
 
 class Joined:
     """This process's place in the running job for its put objects, as a context manager (local).
 
-    Entering notes the shared-memory directory and node on the job's context,
-    so handles can find their node's files. Leaving forgets every object this
+    Entering notes the job's folder of put objects and node on the
+    job's context, so handles can find their node's files. Leaving forgets every object this
     process resolved; with ``owner=True`` (one rank per node) it also unlinks
     the node's files that are left.
     """
 
-    def __init__(self, shm_dir: str, node: int, *, owner: bool = False) -> None:
-        self.shm_dir, self.node, self.owner = shm_dir, node, owner
+    def __init__(self, folder: str, node: int, *, owner: bool = False) -> None:
+        self.folder, self.node, self.owner = folder, node, owner
 
     def __enter__(self) -> Joined:
         ctx = registry.job()
-        ctx.shm_dir, ctx.node = self.shm_dir, self.node
+        ctx.shm_dir, ctx.node = self.folder, self.node
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -94,7 +100,7 @@ class Joined:
             ctx.objects.clear()
             ctx.stored.clear()
         if self.owner:
-            for path in node_files(self.shm_dir, ctx.generation, self.node):
+            for path, _ in node_files(self.folder, self.node):
                 _unlink(path)
 
 
@@ -104,19 +110,33 @@ def in_a_job() -> bool:
     return ctx is not None and bool(ctx.shm_dir)
 
 
-def node_files(shm_dir: str, generation: str, node: int | None = None) -> list[str]:
-    """Paths of this job's object files in ``shm_dir`` (of one node, or all) (local)."""
-    prefix = job_prefix(generation)
-    suffix = None if node is None else f"-n{node}"
+def node_files(folder: str, node: int | None = None) -> list[tuple[str, int]]:
+    """Paths and sizes of the object files in the job's ``folder`` (of one node, or all) (local).
+
+    Only regular files of this process's user count (never followed through
+    a link), though nobody else can add to the folder.
+    """
+    suffix = "" if node is None else f"-n{node}"
+    uid, found = os.getuid(), []
     try:
-        entries = os.listdir(shm_dir)
+        with os.scandir(folder) as entries:
+            for e in entries:
+                if not e.name.endswith(suffix):
+                    continue
+                try:
+                    st = e.stat(follow_symlinks=False)
+                except OSError:
+                    continue  # freed meanwhile
+                if stat.S_ISREG(st.st_mode) and st.st_uid == uid:
+                    found.append((e.path, st.st_size))
     except OSError:
         return []
-    return sorted(
-        os.path.join(shm_dir, e)
-        for e in entries
-        if e.startswith(prefix) and (suffix is None or e.endswith(suffix))
-    )
+    return sorted(found)
+
+
+def node_bytes(folder: str, node: int) -> int:
+    """Bytes of the objects put on ``node`` that are still there (local)."""
+    return sum(size for _, size in node_files(folder, node))
 
 
 def _unlink(path: str) -> None:
@@ -136,7 +156,7 @@ def _here() -> JobContext:
 def path_of(name: str, node: int | None = None) -> str:
     """The file of object ``name`` on ``node`` (default: this process's node) (local)."""
     ctx = _here()
-    return os.path.join(ctx.shm_dir, file_name(ctx.generation, name, ctx.node if node is None else node))
+    return os.path.join(ctx.shm_dir, file_name(name, ctx.node if node is None else node))
 
 
 def create(path: str, nbytes: int, what: str) -> mmap.mmap:
@@ -144,8 +164,13 @@ def create(path: str, nbytes: int, what: str) -> mmap.mmap:
 
     The blocks are allocated now (``posix_fallocate``), so a full file
     system is a :class:`CapacityError` here, not a SIGBUS on first touch.
+    A file that is already there is an :class:`HpcshareError` naming it and
+    its owner; nothing of it is touched.
     """
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        raise HpcshareError(_taken(path, what)) from None
     try:
         allocate(fd, nbytes, f"{what}: {os.path.dirname(path)}")
         mm = mmap.mmap(fd, max(nbytes, 1))  # the map keeps its own descriptor
@@ -171,6 +196,20 @@ def allocate(fd: int, nbytes: int, where: str, advice: str = "") -> None:
                 f"{where} has no room for {nbytes} more bytes ({exc.strerror}){advice}"
             ) from exc
         raise
+
+
+def _taken(path: str, what: str) -> str:
+    """Why ``path`` could not be created: it exists, and whose it is."""
+    try:
+        st = os.lstat(path)
+        owner = f"owned by uid {st.st_uid}" + (" (this job's user)" if st.st_uid == os.getuid() else "")
+    except OSError:
+        owner = "gone again"
+    return (
+        f"{what}: {path} already exists ({owner}), so the object cannot be stored under its name. "
+        "Object names are random and the job's folder is private: the folder was tampered with, "
+        "or two jobs share a generation. Nothing was left behind; put the object again."
+    )
 
 
 def populate(mm: mmap.mmap) -> None:
@@ -202,13 +241,21 @@ def close_writable(mm: mmap.mmap) -> None:
 def map_readonly(path: str, private: bool = False) -> memoryview:
     """A read-only view of the whole file at ``path`` (local; FileNotFoundError if gone).
 
-    ``private=True``: a writable copy-on-write map instead (``MAP_PRIVATE``):
-    pages are the node's until this process writes one, which then becomes
-    this process's own; the file never changes.
+    The file must be a regular file of this process's user (checked on the
+    open descriptor, never through a link). ``private=True``: a writable
+    copy-on-write map instead (``MAP_PRIVATE``): pages are the node's until
+    this process writes one, which then becomes this process's own; the
+    file never changes.
     """
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     try:
-        size = os.fstat(fd).st_size
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
+            raise ResolveError(
+                f"{path} is not a file of this job (owner uid {st.st_uid}, this job runs as "
+                f"{os.getuid()}): refusing to map it. The job's shared-memory folder was tampered with."
+            )
+        size = st.st_size
         if private:
             mm = mmap.mmap(fd, size, access=mmap.ACCESS_COPY)
         else:

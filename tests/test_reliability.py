@@ -52,6 +52,22 @@ def test_sys_exit_in_a_task_ends_the_job_at_once_naming_the_task_and_worker(tmp_
     assert not left, f"left behind: {left}"
 
 
+@pytest.mark.usefixtures("clean_shm")
+def test_keyboard_interrupt_in_a_task_ends_the_job_at_once_naming_the_task_and_worker(tmp_path):
+    job = tmp_path / "job.py"
+    job.write_text(
+        "def stop(i):\n    raise KeyboardInterrupt\n"
+        "def main(client, inputs):\n"
+        "    client.submit(stop, 1, key='the-stop-task').result()\n"
+    )
+    run = hpcshare(3, "job", str(job), "-q", timeout=90)
+    assert run.returncode != 0, run
+    assert run.seconds < 30, run  # not the 120 s timeout
+    assert "task 'the-stop-task' raised KeyboardInterrupt on worker rank 2" in run.stderr, run
+    assert run.stderr.count("error:") == 1, run
+    assert not re.search(r"error: *$", run.stderr, re.M), run  # no empty error line
+
+
 def _dask_scratch() -> set[str]:
     """Dask's own scratch folders in the temporary directory: a job of hpcshare's makes none there."""
     return {n for n in os.listdir(tempfile.gettempdir()) if n.startswith("dask-scratch")}

@@ -24,8 +24,15 @@ def main(client, inputs):
 """
 
 
-def job_files(prefix: str = "hpcshare-") -> list[str]:
-    return sorted(n for n in os.listdir("/dev/shm") if n.startswith(prefix))
+def job_files() -> list[str]:
+    """hpcshare's entries in /dev/shm, and the put objects in the jobs' private folders."""
+    found = []
+    for n in os.listdir("/dev/shm"):
+        if n.startswith("hpcshare-"):
+            found.append(n)
+            if os.path.isdir(os.path.join("/dev/shm", n)):
+                found += [f"{n}/{f}" for f in os.listdir(os.path.join("/dev/shm", n))]
+    return sorted(found)
 
 
 def test_kill_9_during_a_put_leaves_nothing_in_dev_shm(tmp_path, clean_shm):
@@ -41,7 +48,7 @@ def test_kill_9_during_a_put_leaves_nothing_in_dev_shm(tmp_path, clean_shm):
     )
     try:
         deadline = time.monotonic() + 120
-        while not (set(job_files()) - before):  # the puts' files exist: a put is in progress
+        while not any("/" in n for n in set(job_files()) - before):  # a put's file exists: a put is under way
             assert proc.poll() is None, proc.communicate()[0]
             assert time.monotonic() < deadline, "no put started within 120 s"
             time.sleep(0.05)

@@ -36,28 +36,22 @@ def test_too_little_room_is_refused_with_the_sizes_and_the_fix(tmp_path):
 def test_the_watcher_removes_the_job_files_once_its_ranks_are_gone(tmp_path):
     rank = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1)"])
     mapped = tmp_path / "mpich_shm_x"
-    later = tmp_path / "hpcshare-0123456789ab-p1x0-n0"
-    other = tmp_path / "hpcshare-ba9876543210-p1x0-n0"  # another job's: not ours to remove
+    puts = tmp_path / "hpcshare-0123456789ab-x1y2z3"  # the job's folder of put objects
+    puts.mkdir()
+    (puts / "p1x00ff-n0").write_bytes(b"x")
+    other = tmp_path / "hpcshare-ba9876543210-p1x0-n0"  # not the job's: not the watcher's to remove
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     (scratch / "spill").write_text("x")
-    for p in (mapped, later, other):
+    for p in (mapped, other):
         p.write_bytes(b"x")
     watcher = subprocess.run(
-        [
-            sys.executable,
-            "-I",
-            shm.__file__,
-            str(rank.pid),
-            str(mapped),
-            str(tmp_path / "hpcshare-0123456789ab-") + "*",
-            str(scratch) + "/",
-        ],
+        [sys.executable, "-I", shm.__file__, str(rank.pid), str(mapped), f"{puts}/", f"{scratch}/"],
         timeout=30,
     )
     rank.wait()
     assert watcher.returncode == 0
-    assert not mapped.exists() and not later.exists() and not scratch.exists()
+    assert not mapped.exists() and not puts.exists() and not scratch.exists()
     assert other.exists()
 
 

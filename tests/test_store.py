@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from dask.sizeof import sizeof
 
-from hpcshare import ArrayHandle, CapacityError, ResolveError, codec, context, store
+from hpcshare import ArrayHandle, CapacityError, HpcshareError, ResolveError, codec, context, store
 
 GEN = "0123456789ab"
 
@@ -39,10 +39,12 @@ def put_here(name: str, obj) -> None:
 
 def test_a_node_file_is_private_to_the_user_and_never_reused(job, tmp_path):
     path = store.path_of("p1x0")
-    assert os.path.dirname(path) == str(tmp_path) and os.path.basename(path) == f"hpcshare-{GEN}-p1x0-n0"
+    assert os.path.dirname(path) == str(tmp_path) and os.path.basename(path) == "p1x0-n0"
     store.close_writable(store.create(path, 1000, "put"))
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-    with pytest.raises(FileExistsError):
+    with pytest.raises(
+        HpcshareError, match=r"p1x0-n0 already exists \(owned by uid \d+ \(this job's user\)\)"
+    ):
         store.create(path, 1000, "put")
 
 

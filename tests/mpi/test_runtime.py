@@ -240,6 +240,21 @@ def test_a_failing_main_fails_every_rank(comm):
     assert time.monotonic() - t < 60
 
 
+def test_sys_exit_in_main_is_a_success_with_0_and_a_job_failed_with_its_code_otherwise(comm):
+    import sys
+
+    def leave(code):
+        def main(client, inputs):
+            sys.exit(code)
+
+        return main
+
+    assert hpcshare.run(leave(0), {"v": lambda: np.arange(10.0)}, **QUIET) is None  # returns normally
+    with pytest.raises(JobFailed, match=r"called sys.exit\(4\)") as info:
+        hpcshare.run(leave(4), {"v": lambda: np.arange(10.0)}, **QUIET)
+    assert info.value.exit_code == 4  # on every rank
+
+
 def test_a_bad_input_fails_every_rank_with_its_name(comm, shared_dir):
     with pytest.raises(InputError, match=r"input 'lut'.*does not exist"):
         hpcshare.run(

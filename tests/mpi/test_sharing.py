@@ -60,6 +60,13 @@ def node_file_of(h) -> str:
     return path
 
 
+def put_files() -> list[str]:
+    """The files in the job's private folder of put objects on this host."""
+    from hpcshare import context
+
+    return os.listdir(context.current().shm_dir)
+
+
 def transfer_totals(dask_worker):
     return dask_worker.transfer_outgoing_bytes_total
 
@@ -208,7 +215,7 @@ def test_free_fails_later_resolves_on_both_nodes_but_a_held_view_keeps_its_value
         except ResolveError as exc:
             errors.append(str(exc))
         kept = client.submit(held_sum, workers=["rank-3"], pure=False).result()
-        left = [n for n in os.listdir("/dev/shm") if n.startswith(f"hpcshare-{h.generation}-{h.name}-")]
+        left = [n for n in put_files() if n.startswith(f"{h.name}-")]
         return errors, kept, left
 
     result = hpcshare.run(main, TINY, **JOB)
@@ -226,7 +233,7 @@ def test_a_put_too_large_for_shared_memory_is_refused_before_anything_is_allocat
     def main(client, inputs):
         with pytest.raises(CapacityError) as info:
             hpcshare.put(np.zeros(8 * 2**20))  # 64 MiB
-        left = [n for n in os.listdir("/dev/shm") if n.startswith(f"hpcshare-{inputs['seed'].generation}-")]
+        left = put_files()
         return str(info.value), left
 
     result = hpcshare.run(main, TINY, shm_headroom=headroom, **JOB)
@@ -235,6 +242,41 @@ def test_a_put_too_large_for_shared_memory_is_refused_before_anything_is_allocat
         assert "numpy float64 array" in message.lower() or "float64 array" in message, message
         assert "64.00 MiB" in message and "free" in message, message
         assert left == []
+
+
+def test_a_name_taken_on_another_node_fails_the_put_cleanly_and_touches_nothing_it_did_not_make(comm):
+    def main(client, inputs):
+        from hpcshare import context, store
+
+        first = hpcshare.put(np.arange(10.0))
+        assert len(first.name) > 16 and first.name != hpcshare.put(np.arange(10.0)).name  # random part
+        folder = context.current().shm_dir
+        taken = os.path.join(folder, "taken-n1")  # node 1's file of the next put's name, already there
+        with open(taken, "wb") as f:
+            f.write(b"not the job's object")
+        new_name = store.new_name
+        store.new_name = lambda rank: "taken"
+        try:
+            with pytest.raises(hpcshare.HpcshareError) as info:
+                hpcshare.put(np.ones(100))
+        finally:
+            store.new_name = new_name
+        left = sorted(put_files())
+        with open(taken, "rb") as f:
+            kept = f.read()
+        os.unlink(taken)
+        again = client.submit(lambda h: float(h.resolve().sum()), hpcshare.put(np.ones(100)), pure=False)
+        return type(info.value), str(info.value), left, kept, again.result()
+
+    result = hpcshare.run(main, TINY, **JOB)
+    if comm.rank == 1:
+        kind, message, left, kept, again = result
+        assert kind is hpcshare.HpcshareError, (kind, message)  # neither a raw OSError nor a CapacityError
+        assert "node 1" in message and "taken-n1 already exists" in message, message
+        assert f"owned by uid {os.getuid()}" in message, message
+        assert "taken-n0" not in left and "taken-n1" in left, left  # this put's own file is gone
+        assert kept == b"not the job's object"  # the file it did not make is untouched
+        assert again == 100.0  # later puts work
 
 
 def _rss_anon() -> int:
