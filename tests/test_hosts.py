@@ -30,7 +30,11 @@ import json, os, socket
 
 def shm_now():
     st = os.statvfs("/dev/shm")
-    files = {n: os.stat(os.path.join("/dev/shm", n)).st_size for n in os.listdir("/dev/shm")}
+    files = {}
+    for top, _, names in os.walk("/dev/shm"):  # put objects live in the job's private folder there
+        for n in names:
+            path = os.path.join(top, n)
+            files[os.path.relpath(path, "/dev/shm")] = os.stat(path).st_size
     return socket.gethostname(), {"used": (st.f_blocks - st.f_bfree) * st.f_frsize, "files": files}
 
 def print_shm(client, label):
