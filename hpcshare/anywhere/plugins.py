@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections.abc import Callable
-from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from distributed.diagnostics.plugin import NannyPlugin, SchedulerPlugin, WorkerPlugin
@@ -164,13 +163,20 @@ class WorkerSide(WorkerPlugin):
         self._memory = PrivateMemory()
         self._memory.setup(worker)
         self._handlers: dict[str, Callable[..., Any]] = {
-            "hpcshare_piece": partial(transfer.serve_piece, self.member),
-            "hpcshare_room": partial(transfer.room, self.member),
+            # bound methods, not functools.partial: distributed logs a handler's __name__ before calling it
+            "hpcshare_piece": self._serve_piece,
+            "hpcshare_room": self._room,
             "hpcshare_release": self.copies.release,
             "hpcshare_hold": self.copies.hold,
         }
         worker.handlers.update(self._handlers)
         await worker.scheduler.hpcshare_join(worker=worker.address, group=self.member.group)
+
+    def _serve_piece(self, name: str, offset: int, size: int) -> bytes:
+        return transfer.serve_piece(self.member, name, offset, size)
+
+    def _room(self, nbytes: int, what: str) -> str | None:
+        return transfer.room(self.member, nbytes, what)
 
     def teardown(self, worker: Worker) -> None:
         from distributed.core import Status
