@@ -352,7 +352,9 @@ class DaskCluster:
             if self.config.tls:
                 tls = dask_tls_config(share_credentials(self.topo.world, self.config.timeout))
             scratch = {"temporary-directory": self.local_directory} if self.local_directory else {}
-            with dask.config.set({**tls, **scratch}):
+            # Dask drops a silent peer only after hpcshare has named its host and ended the job
+            silent = {"distributed.comm.timeouts.tcp": f"{max(11.0, 2 * self.config.host_timeout):g}s"}
+            with dask.config.set({**tls, **scratch, **silent}):
                 is_client = initialize(
                     comm=idle_startup_comm(self.topo.world, self.config.timeout),
                     exit=False,
