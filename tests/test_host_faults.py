@@ -69,7 +69,10 @@ def make():
 
 @pytest.fixture(scope="module")
 def two(hosts):
-    return hosts(2, "512M")
+    made = hosts(2, "512M")  # skips where emulated hosts cannot be made
+    if mpi_library() != "MPICH":
+        pytest.skip("the host faults are checked under MPICH's hydra only (Open MPI's prterun: not yet)")
+    return made
 
 
 @pytest.fixture(autouse=True)
