@@ -384,7 +384,9 @@ class DaskCluster:
                 tls = dask_tls_config(share_credentials(self.topo.world, self.config.timeout))
             scratch = {"temporary-directory": self.local_directory} if self.local_directory else {}
             http = preload_config(self.config.dashboard, self.config.dashboard_address, self.local_directory)
-            with dask.config.set({**tls, **scratch, **http}):
+            # Dask drops a silent peer only after hpcshare has named its host and ended the job
+            silent = {"distributed.comm.timeouts.tcp": f"{max(11.0, 2 * self.config.host_timeout):g}s"}
+            with dask.config.set({**tls, **scratch, **http, **silent}):
                 is_client = initialize(
                     comm=idle_startup_comm(self.topo.world, self.config.timeout),
                     exit=False,

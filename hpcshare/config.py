@@ -42,6 +42,7 @@ _KEYS = {
     "quiet": "hpcshare.quiet",
     "timeout": "hpcshare.timeout",
     "placement_timeout": "hpcshare.placement-timeout",
+    "host_timeout": "hpcshare.host-timeout",
     "nthreads": "hpcshare.worker.nthreads",
     "memory_limit": "hpcshare.worker.memory-limit",
     "dashboard": "hpcshare.dashboard",
@@ -117,6 +118,7 @@ class JobConfig:
     quiet: bool = False
     timeout: float = 120.0
     placement_timeout: float = 3600.0  # reading inputs, running source functions
+    host_timeout: float = 60.0  # a host silent this long is lost (liveness)
     nthreads: int = 1
     memory_limit: int | None = None  # None: auto
     dashboard: bool = False  # no HTTP server at all unless asked for
@@ -166,6 +168,7 @@ class JobConfig:
             quiet=parse_flag(raw["quiet"]),
             timeout=seconds("timeout", raw["timeout"]),
             placement_timeout=seconds("placement_timeout", raw["placement_timeout"]),
+            host_timeout=seconds("host_timeout", raw["host_timeout"]),
             nthreads=positive_int("nthreads", raw["nthreads"]),
             memory_limit=None
             if memory_limit in (None, "auto")

@@ -66,6 +66,8 @@ class JobContext:
     puts: dict[int, tuple[weakref.ref[Any], Any]] = dataclasses.field(default_factory=dict)
     #: id -> weak reference of dask_dataframe partitions made here (the view guard does not warn of them)
     partitions: dict[int, weakref.ref[Any]] = dataclasses.field(default_factory=dict)
+    #: called before this rank ends the job through hpcshare (liveness says goodbye to rank 0)
+    before_abort: list[Callable[[], None]] = dataclasses.field(default_factory=list)
     #: what to undo when the job ends, in reverse order (patches to Dask)
     undo: list[Callable[[], None]] = dataclasses.field(default_factory=list)
 

@@ -19,7 +19,7 @@ from . import context, shm, supervise
 if TYPE_CHECKING:
     from mpi4py import MPI
 
-__all__ = ["abort", "end_with_launcher", "launcher_gone", "remove_scratch"]
+__all__ = ["abort", "end_alone", "end_with_launcher", "launcher_gone", "remove_scratch"]
 
 
 def abort(comm: MPI.Comm | None = None, code: int = 1) -> None:
@@ -30,6 +30,12 @@ def abort(comm: MPI.Comm | None = None, code: int = 1) -> None:
     ``mpich_shm_*`` segment behind otherwise). Other ranks keep their
     mappings until they exit.
     """
+    job = context.current()
+    for fn in job.before_abort if job is not None else []:
+        try:
+            fn()
+        except Exception:  # ending regardless
+            pass
     shm.unlink_mapped()
     remove_scratch()
     supervise.ending()  # this rank's end is hpcshare's doing: its supervisor stays quiet
@@ -38,6 +44,23 @@ def abort(comm: MPI.Comm | None = None, code: int = 1) -> None:
     from mpi4py import MPI
 
     (comm or MPI.COMM_WORLD).Abort(code)
+
+
+def end_alone(code: int = 1) -> None:
+    """End this rank now, without the job (local; does not return).
+
+    For a rank cut off from the rest of the job: no collective step could
+    complete, and an abort could not reach the launcher. The named
+    shared-memory files this process maps and the scratch folder are
+    removed first; the host's /dev/shm watcher removes the rest once the
+    host's last rank is gone.
+    """
+    shm.unlink_mapped()
+    remove_scratch()
+    supervise.ending()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def launcher_gone() -> bool:

@@ -28,6 +28,7 @@ from .errors import ConfigError, describe
 from .exchange import Exchange, collective_phase
 from .handles import Handle
 from .importing import MainFunction, load_main
+from .liveness import Liveness
 from .loaders import Source, TableSource, source_for, table_source_for
 from .log import install_handler, logger
 from .memory import worker_memory_limit
@@ -219,6 +220,7 @@ def _run(
         warm_up()
     with contextlib.ExitStack() as stack:
         topo = stack.enter_context(Topology.create(world, config.ranks_per_node))
+        stack.enter_context(Liveness(topo, config))  # from here on a lost host ends the job
         generation = job.generation = sync.bcast(world, uuid.uuid4().hex[:12] if topo.rank == 0 else None)
         # Dask's spill and worker files (it would leave dask-scratch-space in /tmp after an abort)
         scratch = job.scratch = _host_folder(topo, stack, f"hpcshare-{generation}-")

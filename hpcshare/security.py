@@ -29,6 +29,7 @@ import datetime
 import ipaddress
 import socket
 import threading
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import psutil
@@ -183,12 +184,34 @@ def _host_address() -> str:
     return address
 
 
-def listen_interface(requested: str | None, hosts: int) -> str:
+def interface_addresses() -> list[str]:
+    """This host's IPv4 addresses beyond loopback, as ``"INTERFACE ADDRESS"`` (local)."""
+    return sorted(
+        f"{name} {a.address}"
+        for name, addrs in psutil.net_if_addrs().items()
+        for a in addrs
+        if a.family == socket.AF_INET and not ipaddress.ip_address(a.address).is_loopback
+    )
+
+
+def interface_address(name: str) -> str:
+    """The IPv4 address of interface ``name`` on this host (local)."""
+    for a in psutil.net_if_addrs().get(name, []):
+        if a.family == socket.AF_INET:
+            return str(a.address)
+    raise ConfigError(f"interface {name!r} of {socket.gethostname()} has no IPv4 address")
+
+
+def listen_interface(
+    requested: str | None, hosts: int, addresses: Mapping[str, Sequence[str]] | None = None
+) -> str:
     """The network interface this rank's Dask servers listen on (local).
 
     ``requested`` (``hpcshare.interface``) must exist on this host. Without
     it: loopback when the job has one host, else the interface of this
-    host's own address.
+    host's own address. ``addresses`` (host name -> its
+    :func:`interface_addresses`) goes into the refusal, so the interface to
+    name is plain.
     """
     names = psutil.net_if_addrs()
     if requested:
@@ -206,6 +229,13 @@ def listen_interface(requested: str | None, hosts: int) -> str:
         raise ConfigError(
             f"cannot tell which network interface of {socket.gethostname()} the job's other "
             f"hosts reach it on (its address is {address}); set hpcshare.interface (--interface), "
-            f"one of {', '.join(sorted(names))}"
+            f"one of {', '.join(sorted(names))}{_where_hosts_are(addresses)}"
         )
     return name
+
+
+def _where_hosts_are(addresses: Mapping[str, Sequence[str]] | None) -> str:
+    if not addresses:
+        return ""
+    hosts = "; ".join(f"{host}: {', '.join(found) or 'none'}" for host, found in addresses.items())
+    return f". The job's hosts have these addresses (interface address): {hosts}"

@@ -240,7 +240,6 @@ def test_without_host_names_the_interface_flag_starts_the_job(three):
     assert "16 tasks OK" in run.stdout, run
 
 
-@pytest.mark.xfail(strict=True, reason="issue 18: the message does not give the other hosts' addresses yet")
 @pytest.mark.usefixtures("no_host_names")
 def test_without_host_names_the_refusal_gives_the_fix_and_the_hosts_addresses(three):
     run = three.hpcshare(RANKS, "job", "--demo-size", "1MiB")

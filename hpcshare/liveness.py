@@ -1,0 +1,289 @@
+"""Whether the job's hosts still reach each other: a lost host ends the job, boundedly.
+
+MPI has no notion of a peer that stopped answering: a rank waiting on a
+host whose link is down waits forever, and Dask drops that host's workers
+after its TCP timeout and carries on with fewer, silently. So every rank on
+a host other than world rank 0's keeps one idle TCP connection to rank 0,
+with keepalive probes and ``TCP_USER_TIMEOUT`` set from
+``hpcshare.host-timeout``. The kernel answers the probes, so a rank that is
+busy (a task holding the GIL), stopped (SIGSTOP) or inside a long MPI call
+still counts as alive; only a host whose network or kernel is gone does not.
+
+- Rank 0 watches every connection in a thread. When one goes unanswered
+  for ``host-timeout``, or every rank of a host closes its connection at
+  once without a goodbye (the host's processes killed, a crashed node), it
+  prints one line naming the host and its ranks and ends the job (an
+  abort: hydra's mpiexec does not wait for a proxy it cannot reach).
+- Each rank on another host waits on its connection in a thread. When rank 0
+  goes unanswered for ``host-timeout``, this host is cut off: the rank says
+  so, removes the shared-memory files it maps and its scratch folder, and
+  exits (code 1) without the world-wide teardown, which could never
+  complete. The host's /dev/shm watcher removes the rest once the host's
+  last rank is gone, and the launcher's proxy ends with its ranks.
+
+A rank that ends the job through hpcshare (an error, a signal) says goodbye
+first (``JobContext.before_abort``), so rank 0 does not report its host as
+lost when the launcher then kills the rest.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+import selectors
+import socket
+import sys
+import threading
+import time
+from typing import TYPE_CHECKING
+
+from . import context, ending, sync
+from .security import interface_address, interface_addresses, listen_interface
+from .topology import role_of
+
+if TYPE_CHECKING:
+    from .config import JobConfig
+    from .topology import Topology
+
+__all__ = ["Liveness", "keepalive"]
+
+_GOODBYE = b"."  # the sender ends through hpcshare (normal end, or an abort of its own)
+_TOKEN = 16  # bytes of the job's secret in a hello; then the rank, 4 bytes
+
+
+def keepalive(sock: socket.socket, timeout: float) -> None:
+    """Have the kernel end ``sock`` when its peer goes ``timeout`` seconds without answering (local).
+
+    Probes every tenth of ``timeout`` (at least 1 s) while the connection is
+    idle; ``TCP_USER_TIMEOUT`` (Linux) ends it ``timeout`` after the last
+    answer, whether data or a probe was outstanding.
+    """
+    probe = max(1, int(timeout / 10))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (("TCP_KEEPIDLE", probe), ("TCP_KEEPINTVL", probe), ("TCP_KEEPCNT", 10)):
+        if hasattr(socket, name):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+    if sys.platform.startswith("linux"):
+        user_timeout = getattr(socket, "TCP_USER_TIMEOUT", 18)
+        sock.setsockopt(socket.IPPROTO_TCP, user_timeout, int(timeout * 1000))
+
+
+def _unanswered(exc: OSError) -> bool:
+    """Whether a socket error means the peer stopped answering (rather than closed or died)."""
+    return exc.errno in (errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN)
+
+
+class Liveness:
+    """The job's connections to rank 0 and their watching threads (collective on ``topo.world``).
+
+    Entering gathers every rank's host and addresses, decides the interface
+    the job listens on (the refusal names the hosts' addresses), and, on a
+    job of several hosts, connects every rank off rank 0's host to rank 0.
+    Leaving says goodbye and closes them.
+    """
+
+    def __init__(self, topo: Topology, config: JobConfig) -> None:
+        self.topo, self.config = topo, config
+        self.hosts: list[str] = []  #: each world rank's host name
+        self.interface: str | None = None  #: where the job's Dask servers listen
+        self._conns: dict[int, socket.socket] = {}  # rank -> connection (rank 0: every remote rank's)
+        self._closing = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._wake: tuple[int, int] | None = None
+
+    # --- setting up -------------------------------------------------------------------------
+
+    def __enter__(self) -> Liveness:
+        topo, config = self.topo, self.config
+        found = topo.world.allgather((topo.hostname, interface_addresses()))
+        self.hosts = [host for host, _ in found]
+        addresses = dict(found)
+        remote = [r for r, host in enumerate(self.hosts) if host != self.hosts[0]]
+        listener: socket.socket | None = None
+        where = None
+        with sync.Collective(topo.world, timeout=config.timeout):
+            self.interface = listen_interface(config.interface, topo.n_hosts, addresses)
+            if remote and topo.rank == 0:
+                listener = socket.create_server((interface_address(self.interface), 0))
+                where = (*listener.getsockname()[:2], secrets.token_bytes(_TOKEN))
+        if not remote:
+            return self
+        host, port, token = sync.bcast(topo.world, where)
+        with sync.Collective(topo.world, timeout=config.timeout):
+            if topo.rank == 0:
+                assert listener is not None
+                with listener:
+                    self._accept(listener, token, set(remote))
+                self._start(self._watch_ranks, "hpcshare-liveness")
+            elif topo.rank in remote:
+                self._connect(host, port, token)
+                self._start(self._watch_rank_0, "hpcshare-liveness")
+        job = context.current()
+        if job is not None:
+            job.before_abort.append(self._goodbye)
+        return self
+
+    def _accept(self, listener: socket.socket, token: bytes, expected: set[int]) -> None:
+        """Take a connection from each of ``expected`` ranks (local, on rank 0; bounded)."""
+        deadline = time.monotonic() + self.config.timeout
+        while expected - set(self._conns):
+            listener.settimeout(max(0.1, deadline - time.monotonic()))
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                missing = sorted(expected - set(self._conns))
+                raise sync.WaitTimeout(
+                    f"ranks {self._ranks_text(missing)} did not connect to rank 0 within "
+                    f"{self.config.timeout:g} s (hpcshare.timeout)"
+                ) from None
+            conn.settimeout(max(0.1, deadline - time.monotonic()))
+            try:
+                hello = _read_exactly(conn, _TOKEN + 4)
+            except OSError:
+                conn.close()
+                continue
+            rank = int.from_bytes(hello[_TOKEN:], "big")
+            if hello[:_TOKEN] != token or rank not in expected:  # not one of the job's ranks
+                conn.close()
+                continue
+            conn.settimeout(None)
+            keepalive(conn, self.config.host_timeout)
+            self._conns[rank] = conn
+
+    def _connect(self, host: str, port: int, token: bytes) -> None:
+        conn = socket.create_connection((host, port), timeout=self.config.timeout)
+        conn.sendall(token + self.topo.rank.to_bytes(4, "big"))
+        conn.settimeout(None)
+        keepalive(conn, self.config.host_timeout)
+        self._conns[0] = conn
+
+    def _start(self, target: object, name: str) -> None:
+        self._wake = os.pipe()
+        self._thread = threading.Thread(target=target, name=name, daemon=True)  # type: ignore[arg-type]
+        self._thread.start()
+
+    # --- watching ---------------------------------------------------------------------------
+
+    def _watch_rank_0(self) -> None:
+        """A rank off rank 0's host: end this rank when rank 0 stops answering (thread)."""
+        assert self._wake is not None
+        conn = self._conns[0]
+        with selectors.DefaultSelector() as sel:
+            sel.register(conn, selectors.EVENT_READ)
+            sel.register(self._wake[0], selectors.EVENT_READ)
+            while not self._closing.is_set():
+                ready = {key.fileobj for key, _ in sel.select()}
+                if conn not in ready:
+                    continue
+                try:
+                    data = conn.recv(64)
+                except OSError as exc:
+                    if _unanswered(exc) and not self._closing.is_set():
+                        self._cut_off()
+                    return
+                if not data or _GOODBYE in data:  # rank 0 ended: normally, or the launcher ends us too
+                    return
+
+    def _cut_off(self) -> None:
+        topo = self.topo
+        print(
+            f"hpcshare: error: rank {topo.rank} ({topo.role} on {topo.hostname}): rank 0 on "
+            f"{self.hosts[0]} has not answered for {self.config.host_timeout:g} s "
+            "(hpcshare.host-timeout): this host is cut off from the job; ending this rank "
+            "and removing its shared memory",
+            file=sys.stderr,
+            flush=True,
+        )
+        ending.end_alone(1)
+
+    def _watch_ranks(self) -> None:
+        """Rank 0: end the job when a host stops answering or all its ranks vanish (thread)."""
+        assert self._wake is not None
+        closed: set[int] = set()
+        with selectors.DefaultSelector() as sel:
+            for rank, conn in self._conns.items():
+                sel.register(conn, selectors.EVENT_READ, rank)
+            sel.register(self._wake[0], selectors.EVENT_READ, None)
+            while not self._closing.is_set():
+                for key, _ in sel.select():
+                    rank = key.data
+                    if rank is None:
+                        continue
+                    try:
+                        data = self._conns[rank].recv(64)
+                    except OSError as exc:
+                        if _unanswered(exc):
+                            return self._lost(rank, unanswered=True)
+                        data = b""
+                    if _GOODBYE in data:
+                        sel.unregister(key.fileobj)
+                    elif not data:
+                        sel.unregister(key.fileobj)
+                        closed.add(rank)
+                        host = self.hosts[rank]
+                        if all(r in closed for r, h in enumerate(self.hosts) if h == host):
+                            return self._lost(rank, unanswered=False)
+
+    def _lost(self, rank: int, unanswered: bool) -> None:
+        """Name the lost host of ``rank`` and its ranks, and end the job (on rank 0's thread)."""
+        if self._closing.is_set() or context.PROCESS.stopping:
+            return  # the job is ending anyway
+        host = self.hosts[rank]
+        ranks = [r for r, h in enumerate(self.hosts) if h == host]
+        why = (
+            f"it has not answered for {self.config.host_timeout:g} s (hpcshare.host-timeout): its "
+            "network link or the host is down"
+            if unanswered
+            else "all its ranks vanished at once without ending through hpcshare: the host crashed "
+            "or its processes were killed"
+        )
+        print(
+            f"hpcshare: error: lost host {host} (ranks {self._ranks_text(ranks)}): {why}; ending the job",
+            file=sys.stderr,
+            flush=True,
+        )
+        ending.abort(code=1)
+
+    def _ranks_text(self, ranks: list[int]) -> str:
+        roles = sorted({role_of(r) for r in ranks})
+        return f"{', '.join(map(str, ranks))}: {', '.join(roles)}"
+
+    # --- ending -----------------------------------------------------------------------------
+
+    def _goodbye(self) -> None:
+        """Tell the other end this rank ends through hpcshare (local; idempotent)."""
+        self._closing.set()
+        for conn in self._conns.values():
+            try:
+                conn.setblocking(False)
+                conn.send(_GOODBYE)
+            except OSError:
+                pass
+
+    def __exit__(self, *exc: object) -> None:
+        self._goodbye()
+        if self._wake is not None:
+            os.write(self._wake[1], b"x")
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        for conn in self._conns.values():
+            conn.close()
+        self._conns.clear()
+        if self._wake is not None:
+            for fd in self._wake:
+                os.close(fd)
+            self._wake = None
+        job = context.current()
+        if job is not None and self._goodbye in job.before_abort:
+            job.before_abort.remove(self._goodbye)
+
+
+def _read_exactly(conn: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = conn.recv(n - len(data))
+        if not chunk:
+            raise ConnectionError("closed during the hello")
+        data += chunk
+    return data
