@@ -125,31 +125,56 @@ class Liveness:
         return self
 
     def _accept(self, listener: socket.socket, token: bytes, expected: set[int]) -> None:
-        """Take a connection from each of ``expected`` ranks (local, on rank 0; bounded)."""
+        """Take a connection from each of ``expected`` ranks (local, on rank 0; bounded).
+
+        Hellos are read side by side: a connection that says nothing (another
+        user's, on a port anyone on the network can reach) cannot hold up the
+        job's ranks behind it; it is dropped when the job's ranks are all in.
+        """
         deadline = time.monotonic() + self.config.timeout
-        while expected - set(self._conns):
-            listener.settimeout(max(0.1, deadline - time.monotonic()))
+        pending: dict[socket.socket, bytes] = {}
+        listener.setblocking(False)
+        with selectors.DefaultSelector() as sel:
+            sel.register(listener, selectors.EVENT_READ)
             try:
-                conn, _ = listener.accept()
-            except TimeoutError:
-                missing = sorted(expected - set(self._conns))
-                raise sync.WaitTimeout(
-                    f"ranks {self._ranks_text(missing)} did not connect to rank 0 within "
-                    f"{self.config.timeout:g} s (hpcshare.timeout)"
-                ) from None
-            conn.settimeout(max(0.1, deadline - time.monotonic()))
-            try:
-                hello = _read_exactly(conn, _TOKEN + 4)
-            except OSError:
-                conn.close()
-                continue
-            rank = int.from_bytes(hello[_TOKEN:], "big")
-            if hello[:_TOKEN] != token or rank not in expected:  # not one of the job's ranks
-                conn.close()
-                continue
-            conn.settimeout(None)
-            keepalive(conn, self.config.host_timeout)
-            self._conns[rank] = conn
+                while expected - set(self._conns):
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        missing = sorted(expected - set(self._conns))
+                        raise sync.WaitTimeout(
+                            f"ranks {self._ranks_text(missing)} did not connect to rank 0 within "
+                            f"{self.config.timeout:g} s (hpcshare.timeout)"
+                        )
+                    for key, _ in sel.select(timeout=left):
+                        if key.fileobj is listener:
+                            try:
+                                conn, _ = listener.accept()
+                            except OSError:
+                                continue
+                            conn.setblocking(False)
+                            pending[conn] = b""
+                            sel.register(conn, selectors.EVENT_READ)
+                            continue
+                        conn = key.fileobj  # type: ignore[assignment]
+                        hello = _hello(conn, pending)
+                        if hello is None:
+                            continue
+                        sel.unregister(conn)
+                        self._admit(conn, hello, token, expected)
+            finally:
+                for conn in pending:
+                    conn.close()
+
+    def _admit(self, conn: socket.socket, hello: bytes, token: bytes, expected: set[int]) -> None:
+        """Keep ``conn`` as its rank's connection if its hello carries the job's secret (rank 0)."""
+        rank = int.from_bytes(hello[_TOKEN:], "big")
+        is_ours = len(hello) == _TOKEN + 4 and secrets.compare_digest(hello[:_TOKEN], token)
+        if not is_ours or rank not in expected or rank in self._conns:
+            conn.close()  # not one of the job's ranks
+            return
+        conn.setblocking(True)
+        keepalive(conn, self.config.host_timeout)
+        self._conns[rank] = conn
 
     def _connect(self, host: str, port: int, token: bytes) -> None:
         conn = socket.create_connection((host, port), timeout=self.config.timeout)
@@ -279,11 +304,17 @@ class Liveness:
             job.before_abort.remove(self._goodbye)
 
 
-def _read_exactly(conn: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = conn.recv(n - len(data))
-        if not chunk:
-            raise ConnectionError("closed during the hello")
-        data += chunk
-    return data
+def _hello(conn: socket.socket, pending: dict[socket.socket, bytes]) -> bytes | None:
+    """Read what ``conn`` has sent of its hello: the whole hello (or what came before it closed), else None."""
+    try:
+        chunk = conn.recv(_TOKEN + 4 - len(pending[conn]))
+    except BlockingIOError:
+        return None
+    except OSError:
+        chunk = b""
+    hello = pending[conn] + chunk
+    if chunk and len(hello) < _TOKEN + 4:
+        pending[conn] = hello
+        return None
+    del pending[conn]
+    return hello
