@@ -242,8 +242,20 @@ class Hosts:
         return self.dir / host / "shm"
 
     def shm_files(self, host: str) -> dict[str, int]:
-        """The files in ``host``'s /dev/shm and their sizes (bytes)."""
-        return {p.name: p.stat().st_size for p in self.shm(host).iterdir() if p.is_file()}
+        """What ``host``'s /dev/shm holds: each file (paths relative to it, inside folders too) and
+        each folder (a job's private folder left behind counts even when empty), with sizes."""
+        top = self.shm(host)
+        return {
+            str(p.relative_to(top)) + ("/" if p.is_dir() else ""): p.stat().st_size for p in top.rglob("*")
+        }
+
+    def empty_shm(self, host: str) -> None:
+        """Remove everything in ``host``'s /dev/shm (after a test has asserted what it found)."""
+        for p in self.shm(host).iterdir():
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
 
     @property
     def local_path(self) -> Path:

@@ -83,8 +83,7 @@ def restored(two):
     for name in two.names:
         two.link_up(name)
         two.kill_all(name)
-        for f in two.shm(name).iterdir():
-            f.unlink()
+        two.empty_shm(name)
 
 
 class Job:
