@@ -28,15 +28,23 @@ lost when the launcher then kills the rest.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import json
 import os
 import secrets
+import select
 import selectors
+import shutil
 import socket
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 from typing import TYPE_CHECKING
+
+import psutil
 
 from . import context, ending, sync
 from .security import interface_address, interface_addresses, listen_interface
@@ -48,7 +56,11 @@ if TYPE_CHECKING:
 
 __all__ = ["Liveness", "keepalive"]
 
-_GOODBYE = b"."  # the sender ends through hpcshare (normal end, or an abort of its own)
+_LAUNCHERS = frozenset({"mpiexec", "mpiexec.hydra", "mpirun", "prterun", "orterun", "srun"})
+_GOODBYE = b"."  # the sender ends normally
+_ABORTS = b"!"  # the sender ends the whole job through hpcshare (an abort): no host is lost
+_LOST = b"L"  # from the host watcher to rank 0: a host is lost and named; end the job
+_QUIET = b"q"  # into the host watcher's FIFO, from a rank on rank 0's host that ends through hpcshare
 _TOKEN = 16  # bytes of the job's secret in a hello; then the rank, 4 bytes
 
 
@@ -83,14 +95,18 @@ class Liveness:
     Leaving says goodbye and closes them.
     """
 
-    def __init__(self, topo: Topology, config: JobConfig) -> None:
-        self.topo, self.config = topo, config
+    def __init__(self, topo: Topology, config: JobConfig, scratch: str | None = None) -> None:
+        self.topo, self.config, self.scratch = topo, config, scratch
         self.hosts: list[str] = []  #: each world rank's host name
         self.interface: str | None = None  #: where the job's Dask servers listen
         self._conns: dict[int, socket.socket] = {}  # rank -> connection (rank 0: every remote rank's)
         self._closing = threading.Event()
         self._thread: threading.Thread | None = None
         self._wake: tuple[int, int] | None = None
+        self._fifo: str | None = None  # ranks on rank 0's host: the host watcher's FIFO
+        self._watcher: subprocess.Popen[bytes] | None = None  # rank 0: the host watcher (hpcshare.hostwatch)
+        self._made: str | None = None  # rank 0: a folder of its own for the FIFO, without a scratch folder
+        self._vanished = False  # rank 0: a host's ranks vanished; the host watcher names it
 
     # --- setting up -------------------------------------------------------------------------
 
@@ -106,23 +122,69 @@ class Liveness:
             self.interface = listen_interface(config.interface, topo.n_hosts, addresses)
             if remote and topo.rank == 0:
                 listener = socket.create_server((interface_address(self.interface), 0))
-                where = (*listener.getsockname()[:2], secrets.token_bytes(_TOKEN))
+                fifo = os.path.join(self.scratch or self._own_folder(), "hostwatch")
+                os.mkfifo(fifo, 0o600)
+                where = (*listener.getsockname()[:2], secrets.token_bytes(_TOKEN), fifo)
         if not remote:
             return self
-        host, port, token = sync.bcast(topo.world, where)
+        host, port, token, fifo = sync.bcast(topo.world, where)
+        if self.hosts[topo.rank] == self.hosts[0]:
+            self._fifo = fifo
         with sync.Collective(topo.world, timeout=config.timeout):
             if topo.rank == 0:
                 assert listener is not None
                 with listener:
                     self._accept(listener, token, set(remote))
+                self._start_host_watcher()
                 self._start(self._watch_ranks, "hpcshare-liveness")
             elif topo.rank in remote:
                 self._connect(host, port, token)
                 self._start(self._watch_rank_0, "hpcshare-liveness")
         job = context.current()
         if job is not None:
-            job.before_abort.append(self._goodbye)
+            job.before_abort.append(self._aborting)
         return self
+
+    def _own_folder(self) -> str:
+        """A private folder for the watcher's FIFO where the job gave none (removed on leaving)."""
+        self._made = tempfile.mkdtemp(prefix="hpcshare-liveness-")
+        return self._made
+
+    def _start_host_watcher(self) -> None:
+        """Rank 0: start the program that names a host whose processes all vanish (hpcshare.hostwatch)."""
+        assert self._fifo is not None
+        by_host: dict[str, list[int]] = {}
+        for rank in self._conns:
+            by_host.setdefault(self.hosts[rank], []).append(rank)
+        say = _launcher_stderr()
+        conns = [(conn.fileno(), rank, self.hosts[rank]) for rank, conn in self._conns.items()]
+        spec = {
+            "rank0": os.getpid(),
+            "timeout": self.config.host_timeout,
+            "say": -1 if say is None else say,
+            "fifo": self._fifo,
+            "conns": conns,
+            "hosts": {
+                host: [sorted(ranks), self._ranks_text(sorted(ranks))] for host, ranks in by_host.items()
+            },
+        }
+        try:
+            self._watcher = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-I",
+                    "-S",
+                    os.path.join(os.path.dirname(__file__), "hostwatch.py"),
+                    json.dumps(spec),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,  # a byte to rank 0 when a host is lost
+                pass_fds=[fd for fd, _, _ in conns] + ([say] if say is not None else []),
+                start_new_session=True,  # not in the process group the launcher kills
+            )
+        finally:
+            if say is not None:
+                os.close(say)
 
     def _accept(self, listener: socket.socket, token: bytes, expected: set[int]) -> None:
         """Take a connection from each of ``expected`` ranks (local, on rank 0; bounded).
@@ -223,52 +285,19 @@ class Liveness:
         ending.end_alone(1)
 
     def _watch_ranks(self) -> None:
-        """Rank 0: end the job when a host stops answering or all its ranks vanish (thread)."""
-        assert self._wake is not None
-        closed: set[int] = set()
-        with selectors.DefaultSelector() as sel:
-            for rank, conn in self._conns.items():
-                sel.register(conn, selectors.EVENT_READ, rank)
-            sel.register(self._wake[0], selectors.EVENT_READ, None)
-            while not self._closing.is_set():
-                for key, _ in sel.select():
-                    rank = key.data
-                    if rank is None:
-                        continue
-                    try:
-                        data = self._conns[rank].recv(64)
-                    except OSError as exc:
-                        if _unanswered(exc):
-                            return self._lost(rank, unanswered=True)
-                        data = b""
-                    if _GOODBYE in data:
-                        sel.unregister(key.fileobj)
-                    elif not data:
-                        sel.unregister(key.fileobj)
-                        closed.add(rank)
-                        host = self.hosts[rank]
-                        if all(r in closed for r, h in enumerate(self.hosts) if h == host):
-                            return self._lost(rank, unanswered=False)
-
-    def _lost(self, rank: int, unanswered: bool) -> None:
-        """Name the lost host of ``rank`` and its ranks, and end the job (on rank 0's thread)."""
-        if self._closing.is_set() or context.PROCESS.stopping:
-            return  # the job is ending anyway
-        host = self.hosts[rank]
-        ranks = [r for r, h in enumerate(self.hosts) if h == host]
-        why = (
-            f"it has not answered for {self.config.host_timeout:g} s (hpcshare.host-timeout): its "
-            "network link or the host is down"
-            if unanswered
-            else "all its ranks vanished at once without ending through hpcshare: the host crashed "
-            "or its processes were killed"
-        )
-        print(
-            f"hpcshare: error: lost host {host} (ranks {self._ranks_text(ranks)}): {why}; ending the job",
-            file=sys.stderr,
-            flush=True,
-        )
-        ending.abort(code=1)
+        """Rank 0: end the job when the host watcher reports a lost host (thread)."""
+        assert self._wake is not None and self._watcher is not None and self._watcher.stdout is not None
+        said = self._watcher.stdout.fileno()
+        while not self._closing.is_set():
+            ready, _, _ = select.select([said, self._wake[0]], [], [])
+            if said not in ready:
+                continue
+            if os.read(said, 1) != _LOST:  # the watcher ended without a lost host: nothing more to watch
+                return
+            if self._closing.is_set() or context.PROCESS.stopping:
+                return  # the job is ending anyway
+            self._vanished = True  # the watcher has named the host; the abort must not quiet it
+            ending.abort(code=1)
 
     def _ranks_text(self, ranks: list[int]) -> str:
         roles = sorted({role_of(r) for r in ranks})
@@ -276,15 +305,32 @@ class Liveness:
 
     # --- ending -----------------------------------------------------------------------------
 
-    def _goodbye(self) -> None:
-        """Tell the other end this rank ends through hpcshare (local; idempotent)."""
+    def _aborting(self) -> None:
+        """This rank ends the whole job through hpcshare (an abort): no host is lost (local)."""
+        self._goodbye(_ABORTS)
+
+    def _goodbye(self, word: bytes = _GOODBYE) -> None:
+        """Tell the other end, and the host watcher, this rank ends through hpcshare (local; idempotent)."""
+        if self._closing.is_set():
+            return
         self._closing.set()
         for conn in self._conns.values():
             try:
                 conn.setblocking(False)
-                conn.send(_GOODBYE)
+                conn.send(word)
             except OSError:
                 pass
+        if self._fifo is not None and not self._vanished:
+            try:
+                fd = os.open(self._fifo, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError:  # no watcher (any more): nothing to tell
+                return
+            try:
+                os.write(fd, _QUIET)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
 
     def __exit__(self, *exc: object) -> None:
         self._goodbye()
@@ -295,13 +341,22 @@ class Liveness:
         for conn in self._conns.values():
             conn.close()
         self._conns.clear()
+        if self._watcher is not None:  # it ends on the goodbyes; a bounded wait, then it is on its own
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._watcher.wait(timeout=1)
+            if self._watcher.stdout is not None:
+                self._watcher.stdout.close()
+            self._watcher = None
+        if self._made is not None:
+            shutil.rmtree(self._made, ignore_errors=True)
+            self._made = None
         if self._wake is not None:
             for fd in self._wake:
                 os.close(fd)
             self._wake = None
         job = context.current()
-        if job is not None and self._goodbye in job.before_abort:
-            job.before_abort.remove(self._goodbye)
+        if job is not None and self._aborting in job.before_abort:
+            job.before_abort.remove(self._aborting)
 
 
 def _hello(conn: socket.socket, pending: dict[socket.socket, bytes]) -> bytes | None:
@@ -318,3 +373,23 @@ def _hello(conn: socket.socket, pending: dict[socket.socket, bytes]) -> bytes | 
         return None
     del pending[conn]
     return hello
+
+
+def _launcher_stderr() -> int | None:
+    """A descriptor of the MPI launcher's own stderr, if the launcher is an ancestor of this process.
+
+    ``mpiexec`` (hydra), ``prterun`` and ``srun`` exit within milliseconds of
+    losing a host's proxy and drop what the ranks write after that; a line
+    written straight to the launcher's stderr (the user's terminal or the
+    batch job's output file, opened for appending) reaches the user anyway.
+    None where the launcher runs on another host or cannot be opened.
+    """
+    try:
+        for parent in psutil.Process().parents():
+            if parent.name() in _LAUNCHERS:
+                return os.open(
+                    f"/proc/{parent.pid}/fd/2", os.O_WRONLY | os.O_APPEND | os.O_NOCTTY | os.O_CLOEXEC
+                )
+    except (OSError, psutil.Error):
+        pass
+    return None

@@ -220,10 +220,10 @@ def _run(
         warm_up()
     with contextlib.ExitStack() as stack:
         topo = stack.enter_context(Topology.create(world, config.ranks_per_node))
-        stack.enter_context(Liveness(topo, config))  # from here on a lost host ends the job
         generation = job.generation = sync.bcast(world, uuid.uuid4().hex[:12] if topo.rank == 0 else None)
         # Dask's spill and worker files (it would leave dask-scratch-space in /tmp after an abort)
         scratch = job.scratch = _host_folder(topo, stack, f"hpcshare-{generation}-")
+        stack.enter_context(Liveness(topo, config, scratch))  # from here on a lost host ends the job
         puts = _host_folder(topo, stack, f"hpcshare-{generation}-", config.shm_dir)  # hpcshare.put's files
         stack.enter_context(shm.Watcher(topo, config.shm_dir, folders=(scratch, puts)))
         placement = stack.enter_context(
