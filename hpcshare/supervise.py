@@ -40,7 +40,7 @@ import signal
 import socket
 import sys
 
-__all__ = ["death_named", "ending", "start", "tell_scratch", "term_on_parent_death"]
+__all__ = ["death_mark", "death_named", "ending", "start", "tell_scratch", "term_on_parent_death"]
 
 _FORWARDED = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2")
 _ENDING_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")  # after these, the rank's end is expected
@@ -102,6 +102,11 @@ def tell_scratch(path: str) -> None:
         pass
 
 
+def death_mark(scratch: str) -> str:
+    """The path of the mark a supervisor leaves in the job's scratch folder when it names its rank's death (local)."""
+    return os.path.join(scratch, _DEATH_NAMED)
+
+
 def death_named(scratch: str | None) -> bool:
     """Whether a supervisor on this host has named its rank's death in this job (local).
 
@@ -109,7 +114,7 @@ def death_named(scratch: str | None) -> bool:
     job's user can leave the mark). The ranks the launcher then stops say
     nothing more.
     """
-    return scratch is not None and os.path.lexists(os.path.join(scratch, _DEATH_NAMED))
+    return scratch is not None and os.path.lexists(death_mark(scratch))
 
 
 def term_on_parent_death() -> bool:
@@ -180,7 +185,7 @@ class _Supervisor:
             return
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
         try:
-            os.close(os.open(os.path.join(self.scratch, _DEATH_NAMED), flags, 0o600))
+            os.close(os.open(death_mark(self.scratch), flags, 0o600))
         except OSError:  # another rank's death was named first, or the folder is gone
             pass
 
