@@ -145,7 +145,6 @@ def dask_array(handle: ArrayHandle, chunks: Any = "auto") -> da.Array:
 def _register_with_dask() -> None:
     from dask.sizeof import sizeof
     from distributed.protocol import dask_deserialize, dask_serialize
-    from distributed.protocol.numpy import deserialize_numpy_ndarray, serialize_numpy_ndarray
 
     @sizeof.register(SharedChunk)
     def _sizeof_chunk(x: SharedChunk) -> int:
@@ -155,12 +154,17 @@ def _register_with_dask() -> None:
     def _serialize_chunk(x: SharedChunk) -> tuple[dict[str, Any], list[Any]]:
         if x._hpcshare_ref is not None:
             return {"hpcshare-ref": pickle.dumps(x._hpcshare_ref)}, []
+        # imported when first needed: it loads numpy.ma, ~50 ms of every rank's start-up
+        from distributed.protocol.numpy import serialize_numpy_ndarray
+
         return serialize_numpy_ndarray(x.view(np.ndarray))
 
     @dask_deserialize.register(SharedChunk)
     def _deserialize_chunk(header: dict[str, Any], frames: list[Any]) -> np.ndarray:
         if "hpcshare-ref" in header:
             return _from_ref(*pickle.loads(header["hpcshare-ref"]))
+        from distributed.protocol.numpy import deserialize_numpy_ndarray
+
         return deserialize_numpy_ndarray(header, frames)
 
 

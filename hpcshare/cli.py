@@ -313,11 +313,14 @@ def _interrupted(signum: int, frame: Any) -> None:
     before the abort has reached the other nodes.
     """
     from . import ending, shm, supervise
-    from .context import PROCESS
+    from .context import PROCESS, current
 
     if PROCESS.stopping:  # the same signal again: from the launcher and from the supervisor, or Ctrl-C twice
         return
     PROCESS.stopping = True
+    job = current()
+    # Open MPI's launcher stops the job with SIGTERM once a rank died: its supervisor named it
+    named = job is not None and supervise.death_named(job.scratch)
     shm.unlink_mapped()
     ending.remove_scratch()
     supervise.ending()
@@ -326,11 +329,12 @@ def _interrupted(signum: int, frame: Any) -> None:
     # The launcher signals every rank, and the first abort ends them all. Ranks
     # after the first give the lower ones a moment, so one line is printed,
     # yet a rank stuck in C code (Python handlers wait for it) cannot hide it.
-    if rank and not gone:
+    if rank and not gone and not named:
         time.sleep(_INTERRUPT_STAGGER * min(rank, 20))
     what = "interrupted" if signum == signal.SIGINT else f"got {signal.Signals(signum).name}"
     try:
-        print(f"hpcshare: rank {rank} {what}; stopping the job", file=sys.stderr, flush=True)
+        if not named:
+            print(f"hpcshare: rank {rank} {what}; stopping the job", file=sys.stderr, flush=True)
     except OSError:  # the launcher, which read our stderr, is gone
         pass
     if gone:  # every rank ends itself

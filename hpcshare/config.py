@@ -27,7 +27,8 @@ __all__ = [
 
 _fn = os.path.join(os.path.dirname(__file__), "hpcshare.yaml")
 with open(_fn) as _f:
-    _defaults = yaml.safe_load(_f)
+    # libyaml's loader where PyYAML has it: the pure-Python one costs every rank ~20 ms at start-up
+    _defaults = yaml.load(_f, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
 dask.config.update_defaults(_defaults)
 
 READ_MODES = ("collective", "per-node")  # hpcshare.read

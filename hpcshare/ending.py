@@ -73,14 +73,35 @@ def remove_scratch() -> None:
     """Remove the running job's scratch folder on this host, and its folder of put objects if empty (local, idempotent).
 
     Before an abort or on SIGTERM, when the batch system may kill the
-    watcher too.
+    watcher too. A supervisor's mark that it named its rank's death stays,
+    with the folder, for the host's other ranks (:func:`supervise.death_named`).
     """
     job = context.current()
     if job is not None and job.scratch is not None:
-        shutil.rmtree(job.scratch, ignore_errors=True)
+        mark = supervise.death_mark(job.scratch)
+        if os.path.lexists(mark):  # the host's other ranks, which the launcher stops next, look for it
+            _remove_all_but(job.scratch, mark)  # the watcher removes the folder once they are gone
+        else:
+            shutil.rmtree(job.scratch, ignore_errors=True)
     if job is not None and job.shm_dir:  # the folder of put objects, once its files are unlinked
         with contextlib.suppress(OSError):
             os.rmdir(job.shm_dir)
+
+
+def _remove_all_but(folder: str, keep: str) -> None:
+    """Remove what ``folder`` holds except ``keep`` (local; best effort)."""
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return
+    for entry in entries:
+        if entry.path == keep:
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
 
 
 def end_with_launcher(job: context.JobContext) -> None:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from dask.utils import format_bytes
 
-from . import context, ending, shm, store, sync
+from . import context, ending, shm, store, supervise, sync
 from .cluster import DaskCluster
 from .config import JobConfig
 from .errors import ConfigError, describe
@@ -223,6 +223,7 @@ def _run(
         generation = job.generation = sync.bcast(world, uuid.uuid4().hex[:12] if topo.rank == 0 else None)
         # Dask's spill and worker files (it would leave dask-scratch-space in /tmp after an abort)
         scratch = job.scratch = _host_folder(topo, stack, f"hpcshare-{generation}-")
+        supervise.tell_scratch(scratch)  # where it marks a death it names, for the others to stay quiet
         stack.enter_context(Liveness(topo, config, scratch))  # from here on a lost host ends the job
         puts = _host_folder(topo, stack, f"hpcshare-{generation}-", config.shm_dir)  # hpcshare.put's files
         stack.enter_context(shm.Watcher(topo, config.shm_dir, folders=(scratch, puts)))

@@ -18,6 +18,12 @@ standard-library-only supervisor that
 - then ends the same way (the same exit code, or killed by the same signal),
   so the launcher sees what it would have seen and ends the rest of the job.
 
+Before that line it leaves a mark in the job's scratch folder on its host
+(0700, a random name; the rank tells its supervisor the path through their
+pipe, :func:`tell_scratch`): Open MPI's launcher then sends the other ranks
+SIGTERM, and their handler stays quiet when it finds the mark
+(:func:`death_named`), so the death is the job's one line.
+
 When the launcher dies, the supervisor gets its parent-death signal and
 exits, and the rank gets its own (``ending.end_with_launcher``).
 ``hpcshare.supervise: false`` runs ranks without a supervisor.
@@ -34,11 +40,14 @@ import signal
 import socket
 import sys
 
-__all__ = ["ending", "start", "term_on_parent_death"]
+__all__ = ["death_mark", "death_named", "ending", "start", "tell_scratch", "term_on_parent_death"]
 
 _FORWARDED = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2")
 _ENDING_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")  # after these, the rank's end is expected
+# messages on the pipe from the rank, each ended by a NUL (a path holds none)
 _ENDING = b"e"
+_SCRATCH = b"s"  # followed by the job's scratch folder on this host
+_DEATH_NAMED = "rank-death-named"  # the mark in the scratch folder: a supervisor named its rank's death
 
 _fd: int | None = None  # the rank's end of the pipe to its supervisor
 
@@ -73,10 +82,39 @@ def ending() -> None:
         return
     fd, _fd = _fd, None
     try:
-        os.write(fd, _ENDING)
+        os.write(fd, _ENDING + b"\0")
         os.close(fd)
     except OSError:
         pass
+
+
+def tell_scratch(path: str) -> None:
+    """Tell this rank's supervisor the job's scratch folder on this host (local; no-op without one).
+
+    Where the supervisor leaves its mark when it names the rank's death.
+    """
+    message = _SCRATCH + os.fsencode(path) + b"\0"
+    if _fd is None or b"\0" in message[:-1] or len(message) > select.PIPE_BUF:  # one write, whole
+        return
+    try:
+        os.write(_fd, message)
+    except OSError:
+        pass
+
+
+def death_mark(scratch: str) -> str:
+    """The path of the mark a supervisor leaves in the job's scratch folder when it names its rank's death (local)."""
+    return os.path.join(scratch, _DEATH_NAMED)
+
+
+def death_named(scratch: str | None) -> bool:
+    """Whether a supervisor on this host has named its rank's death in this job (local).
+
+    ``scratch`` is the job's scratch folder on this host (0700: only the
+    job's user can leave the mark). The ranks the launcher then stops say
+    nothing more.
+    """
+    return scratch is not None and os.path.lexists(death_mark(scratch))
 
 
 def term_on_parent_death() -> bool:
@@ -129,6 +167,27 @@ class _Supervisor:
         self.parent = os.getppid()
         self.told = False  # the launcher told the rank to end
         self.ended = False  # the rank said it ends through hpcshare
+        self.scratch: str | None = None  # the job's scratch folder on this host, once the rank said
+        self.pending = b""  # the start of a message not yet read whole
+
+    def heard(self, data: bytes) -> None:
+        """Take in bytes from the rank's pipe."""
+        *messages, self.pending = (self.pending + data).split(b"\0")
+        for message in messages:
+            if message == _ENDING:
+                self.ended = True
+            elif message.startswith(_SCRATCH):
+                self.scratch = os.fsdecode(message[len(_SCRATCH) :])
+
+    def mark_death_named(self) -> None:
+        """Leave the mark that this rank's death is named, in the job's scratch folder (best effort)."""
+        if self.scratch is None:
+            return
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+        try:
+            os.close(os.open(death_mark(self.scratch), flags, 0o600))
+        except OSError:  # another rank's death was named first, or the folder is gone
+            pass
 
     def forward(self, signum: int, frame: object) -> None:
         if signum == signal.SIGTERM and os.getppid() != self.parent:
@@ -156,7 +215,7 @@ class _Supervisor:
             for ready in select.select(watched, [], [])[0]:  # until the rank speaks, ends, or a signal
                 data = os.read(ready, 512)
                 if ready == self.fd:
-                    self.ended = self.ended or _ENDING in data
+                    self.heard(data)
                     if not data:
                         watched = [wake_read]  # the rank closed its end (or died): wait for SIGCHLD
 
@@ -166,6 +225,7 @@ def _supervise(child: int, fd: int, rank: str, role: str, host: str) -> None:
     supervisor = _Supervisor(child, fd)
     status = supervisor.wait()
     if not supervisor.ended and not supervisor.told:
+        supervisor.mark_death_named()  # before the line: the launcher stops the others once this process ends
         try:
             print(
                 f"hpcshare: rank {rank} ({role} on {host}, pid {child}) {_describe(status)}; the job ends",

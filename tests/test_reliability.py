@@ -116,8 +116,8 @@ def test_a_rank_ending_with_os_exit_in_a_task_is_named_with_its_exit_code(tmp_pa
         run = hpcshare(3, "job", str(job), "-q", timeout=60)
         assert run.returncode != 0, run
         assert run.seconds < 30, run
-        lines = [line for line in run.stderr.splitlines() if line.startswith("hpcshare: rank 2 (")]
-        assert len(lines) == 1, run
+        lines = [line for line in run.stderr.splitlines() if line.startswith("hpcshare: rank")]
+        assert len(lines) == 1, run  # the death, and no rank stopped by the launcher afterwards
         assert re.fullmatch(r"hpcshare: rank 2 \(worker on \S+, pid \d+\) exited with code 3 .*", lines[0]), (
             run
         )
@@ -134,9 +134,12 @@ def test_a_worker_killed_with_sigkill_is_named_with_its_signal(tmp_path):
         kill_job(proc)
         raise
     assert proc.returncode != 0, err
-    expected = f"hpcshare: rank 3 (worker on {socket.gethostname()}, pid {victim.pid}) was killed by signal 9 (SIGKILL)"
-    assert expected in err, err
-    assert err.count("hpcshare: rank 3 (") == 1, err
+    expected = (
+        f"hpcshare: rank 3 (worker on {socket.gethostname()}, pid {victim.pid}) was killed by signal 9 (SIGKILL);"
+        " the job ends"
+    )
+    # one line: not followed by the ranks the launcher stopped then ("got SIGTERM" under Open MPI)
+    assert [line for line in err.splitlines() if line.startswith("hpcshare: rank")] == [expected], err
 
 
 def _job_in_main(tmp_path, n: int) -> subprocess.Popen[str]:

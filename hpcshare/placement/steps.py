@@ -219,7 +219,9 @@ def _stats(
         filling = clock.steps["read"] + clock.steps["broadcast"]
         mine = RankStats(topo.rank, clock.own, filling - clock.own, clock.cpu_used(), worked)
         ranks = tuple(topo.world.allgather(mine))
-    traffic = topo.world.allreduce((clock.file_bytes, clock.rchar, clock.broadcast_bytes), op=_add_tuples)
+    traffic = (0, 0, 0)
+    if metas:  # no inputs, no bytes read or sent
+        traffic = topo.world.allreduce((clock.file_bytes, clock.rchar, clock.broadcast_bytes), op=_add_tuples)
     return PlacementStats(
         n_inputs=len(metas),
         nbytes=sum(m.nbytes for m in metas),
@@ -259,6 +261,9 @@ def place_inputs(
     """
     chatty = topo.rank == 0 and not config.quiet
     clock = Clock()
+    if not sources:  # the same on every rank (run's inputs are): nothing to agree on, allocate or read
+        clock.steps = dict.fromkeys(("describe", "capacity", "allocate", "read", "broadcast"), 0.0)
+        return Placement({}, _stats(topo, (), clock, config, gather_stats))
     metas = _describe(topo, sources, config)
     clock.step("describe")
     _check_capacity(topo, metas, config)
