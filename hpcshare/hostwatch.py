@@ -22,7 +22,9 @@ any rank's process group and does nothing else.
 It stays quiet when the job ends through hpcshare: a rank on rank 0's host
 that ends (normally or by an abort) writes ``q`` into the FIFO in the job's
 0700 scratch folder; a rank on another host that aborts the job sends ``!``
-on its connection, one that ends normally ``.``. It exits when every
+on its connection, one that ends normally ``.``; a rank's supervisor that
+names its rank's death (hpcshare.supervise) says ``!`` on the rank's
+connection or into the FIFO first. It exits when every
 connection has ended, on ``q``, on ``!``, or one second after rank 0 is gone.
 
 SPEC is JSON: ``{"rank0": PID, "timeout": SECONDS, "say": FD or -1, "fifo": PATH, "conns":
@@ -124,7 +126,8 @@ class Watch:
         for fd in ready:
             if fd == self.fifo:
                 try:
-                    if b"q" in os.read(fd, 64):
+                    said = os.read(fd, 64)
+                    if b"q" in said or b"!" in said:  # a rank, or its supervisor, ends the job
                         self.quiet = True
                 except BlockingIOError:
                     pass

@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING
 
 import psutil
 
-from . import context, ending, sync
+from . import context, ending, supervise, sync
 from .security import interface_address, interface_addresses, listen_interface
 from .topology import role_of
 
@@ -130,6 +130,7 @@ class Liveness:
         host, port, token, fifo = sync.bcast(topo.world, where)
         if self.hosts[topo.rank] == self.hosts[0]:
             self._fifo = fifo
+            self._tell_supervisor_fifo()
         with sync.Collective(topo.world, timeout=config.timeout):
             if topo.rank == 0:
                 assert listener is not None
@@ -244,6 +245,19 @@ class Liveness:
         conn.settimeout(None)
         keepalive(conn, self.config.host_timeout)
         self._conns[0] = conn
+        supervise.tell_liveness(conn.fileno())  # a death its supervisor names is not a lost host
+
+    def _tell_supervisor_fifo(self) -> None:
+        """On rank 0's host: give this rank's supervisor the host watcher's FIFO (local)."""
+        assert self._fifo is not None
+        try:  # read and write: opens at once, whether or not the watcher has opened it yet (Linux)
+            fd = os.open(self._fifo, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return
+        try:
+            supervise.tell_liveness(fd)
+        finally:
+            os.close(fd)
 
     def _start(self, target: object, name: str) -> None:
         self._wake = os.pipe()

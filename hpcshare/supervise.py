@@ -40,16 +40,26 @@ import signal
 import socket
 import sys
 
-__all__ = ["death_mark", "death_named", "ending", "start", "tell_scratch", "term_on_parent_death"]
+__all__ = [
+    "death_mark",
+    "death_named",
+    "ending",
+    "start",
+    "tell_liveness",
+    "tell_scratch",
+    "term_on_parent_death",
+]
 
 _FORWARDED = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2")
 _ENDING_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")  # after these, the rank's end is expected
 # messages on the pipe from the rank, each ended by a NUL (a path holds none)
 _ENDING = b"e"
 _SCRATCH = b"s"  # followed by the job's scratch folder on this host
+_LIVENESS = b"l"  # comes with a descriptor: where the supervisor says "!" when it names the rank's death
+_ABORTS = b"!"  # on the rank's liveness descriptor: this death is named, no host is lost (hpcshare.liveness)
 _DEATH_NAMED = "rank-death-named"  # the mark in the scratch folder: a supervisor named its rank's death
 
-_fd: int | None = None  # the rank's end of the pipe to its supervisor
+_fd: int | None = None  # the rank's end of the socket pair to its supervisor
 
 
 def start(rank: int, role: str) -> None:
@@ -59,7 +69,8 @@ def start(rank: int, role: str) -> None:
     program in its place and never returns.
     """
     global _fd
-    read_end, write_end = os.pipe()
+    read_sock, write_sock = socket.socketpair()  # a pipe that can carry a descriptor (tell_liveness)
+    read_end, write_end = read_sock.detach(), write_sock.detach()
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
@@ -98,6 +109,22 @@ def tell_scratch(path: str) -> None:
         return
     try:
         os.write(_fd, message)
+    except OSError:
+        pass
+
+
+def tell_liveness(fd: int) -> None:
+    """Give this rank's supervisor a copy of ``fd`` (local; no-op without one).
+
+    The rank's liveness connection to rank 0 (or, on rank 0's host, the host
+    watcher's FIFO): a supervisor that names its rank's death says ``!`` there
+    first, so the rank's vanishing is not taken for a lost host.
+    """
+    if _fd is None:
+        return
+    try:
+        with socket.socket(fileno=os.dup(_fd)) as sock:
+            socket.send_fds(sock, [_LIVENESS + b"\0"], [fd])
     except OSError:
         pass
 
@@ -168,10 +195,12 @@ class _Supervisor:
         self.told = False  # the launcher told the rank to end
         self.ended = False  # the rank said it ends through hpcshare
         self.scratch: str | None = None  # the job's scratch folder on this host, once the rank said
+        self.liveness: list[int] = []  # descriptors where a named death is announced (tell_liveness)
         self.pending = b""  # the start of a message not yet read whole
 
-    def heard(self, data: bytes) -> None:
-        """Take in bytes from the rank's pipe."""
+    def heard(self, data: bytes, fds: list[int]) -> None:
+        """Take in bytes (and descriptors) from the rank's socket."""
+        self.liveness += fds
         *messages, self.pending = (self.pending + data).split(b"\0")
         for message in messages:
             if message == _ENDING:
@@ -180,7 +209,14 @@ class _Supervisor:
                 self.scratch = os.fsdecode(message[len(_SCRATCH) :])
 
     def mark_death_named(self) -> None:
-        """Leave the mark that this rank's death is named, in the job's scratch folder (best effort)."""
+        """Leave the mark that this rank's death is named, in the job's scratch folder, and say so on
+        its liveness descriptors (best effort)."""
+        for fd in self.liveness:
+            try:
+                os.set_blocking(fd, False)
+                os.write(fd, _ABORTS)
+            except OSError:
+                pass
         if self.scratch is None:
             return
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
@@ -208,16 +244,22 @@ class _Supervisor:
         for name in _FORWARDED:
             signal.signal(getattr(signal, name), self.forward)
         watched = [self.fd, wake_read]
+        rank = socket.socket(fileno=self.fd)
         while True:
             pid, status = os.waitpid(self.child, os.WNOHANG)
             if pid:
                 return status
             for ready in select.select(watched, [], [])[0]:  # until the rank speaks, ends, or a signal
-                data = os.read(ready, 512)
-                if ready == self.fd:
-                    self.heard(data)
-                    if not data:
-                        watched = [wake_read]  # the rank closed its end (or died): wait for SIGCHLD
+                if ready != self.fd:
+                    os.read(ready, 512)
+                    continue
+                try:
+                    data, fds, _, _ = socket.recv_fds(rank, 512, 4)
+                except OSError:
+                    data, fds = b"", []
+                self.heard(data, fds)
+                if not data:
+                    watched = [wake_read]  # the rank closed its end (or died): wait for SIGCHLD
 
 
 def _supervise(child: int, fd: int, rank: str, role: str, host: str) -> None:

@@ -206,6 +206,25 @@ def test_every_process_of_a_host_killed_ends_the_job_naming_the_host(two, tmp_pa
     assert names_the_lost_host(hpcshare_lines, two.names[1]), job.output
 
 
+@pytest.mark.parametrize("host", [0, 1], ids=["on-rank-0s-host", "on-the-other-host"])
+def test_one_rank_killed_is_named_and_no_host_is_lost(two, tmp_path, host):
+    """kill -9 of one worker: its supervisor's line, one; the other ranks of its host are not a lost host."""
+    job = tasks_running(two, tmp_path)
+    ranks = [p for p in two.processes(two.names[host]) if "hpcshare" in " ".join(p.cmdline()[1:4])]
+    ranks = [p for p in ranks if "supervise.py" not in " ".join(p.cmdline())]
+    workers = [
+        p for p in ranks if p.parent() is not None and "supervise.py" in " ".join(p.parent().cmdline())
+    ]
+    victim = workers[-1]  # on host 0 the highest pid is the worker (rank 2); on host 1 any of ranks 3, 4
+    victim.kill()
+    rc = job.ended_within(JOB_ENDS)
+    assert rc != 0, job.output
+    said = [line for _, line in job.lines if line.startswith("hpcshare") and "placed" not in line]
+    said = [line for line in said if "dashboard" not in line]
+    assert "lost host" not in job.output, job.output
+    assert len(said) == 1 and f"pid {victim.pid}" in said[0] and "signal 9" in said[0], job.output
+
+
 SLOW = """
 import ctypes, time
 
