@@ -162,8 +162,9 @@ class WorkerSide(WorkerPlugin):
         self.worker = worker
         self._memory = PrivateMemory()
         self._memory.setup(worker)
+        self.traffic = {"served": 0, "fetched": 0}  #: bytes this worker sent to / read from other groups
+        # handlers are named functions (bound methods): distributed logs each handler's __name__
         self._handlers: dict[str, Callable[..., Any]] = {
-            # bound methods, not functools.partial: distributed logs a handler's __name__ before calling it
             "hpcshare_piece": self._serve_piece,
             "hpcshare_room": self._room,
             "hpcshare_release": self.copies.release,
@@ -173,10 +174,16 @@ class WorkerSide(WorkerPlugin):
         await worker.scheduler.hpcshare_join(worker=worker.address, group=self.member.group)
 
     def _serve_piece(self, name: str, offset: int, size: int) -> bytes:
-        return transfer.serve_piece(self.member, name, offset, size)
+        piece = transfer.serve_piece(self.member, name, offset, size)
+        self.traffic["served"] += len(piece)
+        return piece
 
     def _room(self, nbytes: int, what: str) -> str | None:
         return transfer.room(self.member, nbytes, what)
+
+    def fetch(self, name: str, what: str, timeout: float) -> None:
+        """Copy ``name`` into this worker's group from another group (see :func:`.transfer.fetch`)."""
+        self.traffic["fetched"] += transfer.fetch(self.worker, self.member, name, what, timeout)
 
     def teardown(self, worker: Worker) -> None:
         from distributed.core import Status
