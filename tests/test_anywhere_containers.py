@@ -16,7 +16,7 @@ import os
 import shutil
 
 import numpy as np
-from daskprocs import DaskProcesses
+from daskprocs import DaskProcesses, objects_here, on_each, total
 from distributed import Client
 from helpers import skip_unless_available
 
@@ -53,44 +53,6 @@ def _in(pid: int) -> list[str]:
     return ["nsenter", f"--mount=/proc/{pid}/ns/mnt", "--"]
 
 
-def _seen(handle, _worker: str) -> dict:
-    """In a task: what the worker resolved (sum, file, its device and inode) and its group's files."""
-    data = handle.resolve()
-    with open("/proc/self/maps") as f:
-        mapped = [
-            line.split()[-1]
-            for line in f
-            if (lo_hi := line.split()[0].split("-"))
-            and int(lo_hi[0], 16) <= data.ctypes.data < int(lo_hi[1], 16)
-        ]
-    path = mapped[0] if mapped else None
-    st = os.stat(path) if path else None
-    return {
-        "sum": float(data.sum()),
-        "file": (st.st_dev, st.st_ino) if st else None,
-        "size": st.st_size if st else 0,  # the object's bytes: the array's and a small header
-        "objects": sorted(n for n in os.listdir("/dev/shm") if n.startswith(files.PREFIX) and "." not in n),
-    }
-
-
-def _traffic(dask_worker) -> dict[str, int]:
-    return dict(dask_worker.plugins[files.PLUGIN].traffic)
-
-
-def _total(client: Client, what: str) -> int:
-    """Bytes every worker has ``what`` ("fetched", "served") between groups so far."""
-    return sum(t[what] for t in client.run(_traffic).values())
-
-
-def _on_each(client: Client, handle, workers) -> dict[str, dict]:
-    futures = {w: client.submit(_seen, handle, w, workers=[w], pure=False) for w in workers}
-    return {w: f.result(timeout=60) for w, f in futures.items()}
-
-
-def _objects_after_free(_worker: str) -> list[str]:
-    return sorted(n for n in os.listdir("/dev/shm") if n.startswith(files.PREFIX) and "." not in n)
-
-
 def test_each_container_holds_one_copy_the_far_client_sends_it_once_and_a_later_worker_maps_it(tmp_path):
     skip_unless_available(_missing(), "HPCSHARE_REQUIRE_HOSTS")
     with DaskProcesses(tmp_path) as dask:
@@ -103,15 +65,15 @@ def test_each_container_holds_one_copy_the_far_client_sends_it_once_and_a_later_
             values = np.arange(NBYTES // 8, dtype="f8")
             handle = hpcshare.put(values)  # this process sees no worker's /dev/shm: sent to one worker
 
-            seen = _on_each(client, handle, first)
+            seen = on_each(client, handle, first)
             assert {s["sum"] for s in seen.values()} == {float(values.sum())}
             files_of = {s["file"] for s in seen.values()}
             assert len(files_of) == 2  # one copy per container, each read by its workers
             assert all(len(s["objects"]) == 1 for s in seen.values())
             size = seen[first[0]]["size"]
             assert NBYTES <= size < NBYTES + 4096
-            assert _total(client, "fetched") == size  # into the other container, once
-            assert _total(client, "served") == size
+            assert total(client, "fetched") == size  # into the other container, once
+            assert total(client, "served") == size
             ours = files.PREFIX + files.cluster_of(handle.generation)
             assert not [
                 n for n in os.listdir("/dev/shm") if n.startswith(ours)
@@ -120,16 +82,14 @@ def test_each_container_holds_one_copy_the_far_client_sends_it_once_and_a_later_
             dask.worker(1, _in(a.pid))  # joins container a later
             client.wait_for_workers(4, timeout=120)
             (late,) = set(client.scheduler_info()["workers"]) - set(first)
-            later = _on_each(client, handle, [late])[late]
+            later = on_each(client, handle, [late])[late]
             assert later["sum"] == float(values.sum())
             assert later["file"] in files_of  # it maps its container's copy
-            assert _total(client, "fetched") == size  # nothing crossed again
+            assert total(client, "fetched") == size  # nothing crossed again
 
             hpcshare.free(handle)
             everywhere = [*first, late]
-            left = client.gather(
-                [client.submit(_objects_after_free, w, workers=[w], pure=False) for w in everywhere]
-            )
+            left = client.gather([client.submit(objects_here, workers=[w], pure=False) for w in everywhere])
             assert left == [[]] * 4, left
             client.shutdown()
     assert not [n for n in os.listdir("/dev/shm") if n.startswith(ours)]

@@ -170,9 +170,13 @@ def _push(client: Client, obj: Any, what: str) -> Handle:
     The bytes leave the client once (``scatter`` to that worker, over the
     cluster's comms); other groups fetch from that group on first resolve.
     The worker holds the scattered object privately only until its put
-    returns. The object is this client's, as if it had written it.
+    returns. The object is this client's, as if it had written it. If that
+    worker dies or leaves before its put returns (its ``.part`` file is
+    swept), the client sends the object to the next worker.
     """
-    import uuid
+    from concurrent.futures import CancelledError
+
+    from distributed.scheduler import KilledWorker
 
     workers = sorted(client.scheduler_info()["workers"])
     if not workers:
@@ -180,7 +184,21 @@ def _push(client: Client, obj: Any, what: str) -> Handle:
             f"{what}: this client sees no worker's shared memory and the cluster has no worker to send "
             "it to yet; wait for workers (client.wait_for_workers(1)) and put again"
         )
-    target = workers[0]
+    lost = []
+    for target in workers:
+        try:
+            return _push_to(client, obj, target)
+        except (CancelledError, KilledWorker, OSError) as exc:  # that worker died or left meanwhile
+            lost.append(f"{target} ({type(exc).__name__}: {exc})")
+    raise HpcshareError(
+        f"{what}: every worker it was sent to died or left before it held it: {'; '.join(lost)}. "
+        "Put it again once the cluster has workers that stay."
+    )
+
+
+def _push_to(client: Client, obj: Any, target: str) -> Handle:
+    import uuid
+
     [scattered] = client.scatter([obj], workers=[target], hash=False)
     try:
         pushed = client.submit(

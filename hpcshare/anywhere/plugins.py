@@ -16,13 +16,17 @@ and nannies that join later (adaptive scaling, a Nanny's restart).
   files if it was the last member.
 - :class:`NannySide` holds the group too (so a worker's restart does not
   drop the group's files) and has the Nanny's restart check compare the
-  worker's *private* memory with its limit.
+  worker's *private* memory with its limit. A closing nanny leaves the
+  group only once its worker process has ended: a worker that Dask kills
+  because it did not close in time (its own teardown never runs) still
+  leaves nothing behind.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +34,7 @@ from distributed.diagnostics.plugin import NannyPlugin, SchedulerPlugin, WorkerP
 from tornado.ioloop import PeriodicCallback
 
 from ..memory import PrivateMemory, private_memory
+from ..sync import WaitTimeout, poll
 from . import files, groups, lifetimes, transfer
 from .copies import Copies
 
@@ -44,6 +49,7 @@ FREED = (
 )
 CLIENT_GONE = "the client that put it ({client}) closed or disconnected, which frees its objects."
 CLUSTER_GONE = "the cluster that held it has closed."
+_WORKER_END = 60.0  # s a closing nanny waits for its worker process to end before it leaves the group
 
 
 @dataclasses.dataclass
@@ -200,6 +206,14 @@ class WorkerSide(WorkerPlugin):
             lifetimes.sweep(self.member.shm_dir, self.cluster)  # the last member removes the group's files
 
 
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists, also as a zombie: a killed process's other threads may still
+    hold its files (and locks) after its first thread shows as a zombie; it is gone once reaped."""
+    import psutil
+
+    return bool(psutil.pid_exists(pid))
+
+
 class NannySide(NannyPlugin):
     """A nanny holds its worker's group, and restarts it on private memory only (see the module)."""
 
@@ -226,8 +240,22 @@ class NannySide(NannyPlugin):
                 self._dask_check.start()
             callbacks["memory_monitor"] = self._dask_check
         if hasattr(self, "member"):
-            self.member.leave()
-            lifetimes.sweep(self.member.shm_dir, self.cluster)
+            # Dask tears nanny plugins down before it stops the worker process, and kills a worker
+            # that does not close in time (then the worker's teardown never runs): leave the group,
+            # and sweep it, once that process has ended. Not a daemon: the nanny's process waits for it.
+            process = nanny.process.process if nanny.process is not None else None
+            pid = process.pid if process is not None else None
+            threading.Thread(target=self._leave_after, args=(pid,), name="hpcshare-nanny-leave").start()
+
+    def _leave_after(self, pid: int | None) -> None:
+        """Leave the group (and sweep it if this was its last member) once process ``pid`` has ended."""
+        if pid is not None:
+            try:
+                poll(lambda: not _alive(pid), timeout=_WORKER_END, what=f"worker process {pid} to end")
+            except WaitTimeout:  # still alive: it holds the group itself, so the sweep keeps its files
+                pass
+        self.member.leave()
+        lifetimes.sweep(self.member.shm_dir, self.cluster)
 
     def _swap_memory_check(self, nanny: Nanny) -> None:
         """Run Dask's restart check only when the worker's private memory is over the threshold.
