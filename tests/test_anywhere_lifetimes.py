@@ -4,7 +4,10 @@ put them, with the cluster; after kill -9 of everything, with the next hpcshare 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -97,14 +100,14 @@ def _killed_cluster(tmp_path) -> str:
 
 
 def test_after_kill_9_of_everything_clean_removes_the_dead_files_and_not_a_live_clusters(cluster, tmp_path):
-    dead = _killed_cluster(tmp_path)
-    assert len(_files_of(dead)) == 2, "kill -9 should have left the marker and the object"
     with Client(cluster) as client:
-        live = hpcshare.put(np.ones(10))
+        live = hpcshare.put(np.ones(10))  # the cluster's workers have swept as they joined: before the kill
+        dead = _killed_cluster(tmp_path)
+        assert len(_files_of(dead)) == 2, "kill -9 should have left the marker and the object"
         run = run_cmd([sys.executable, "-m", "hpcshare", "clean"], timeout=60)
         assert run.returncode == 0, run
         assert _files_of(dead) == []
-        assert "2 file(s) of dead Dask clusters removed" in run.stdout or "file(s)" in run.stdout
+        assert "2 file(s) of dead Dask clusters removed" in run.stdout, run
         assert client.submit(lambda h: float(h.resolve().sum()), live).result() == 10.0  # untouched
         hpcshare.free(live)
 
@@ -115,3 +118,150 @@ def test_after_kill_9_the_next_hpcshare_cluster_on_the_host_sweeps(tmp_path):
     with LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=None) as c, Client(c):
         hpcshare.free(hpcshare.put(np.ones(10)))  # first use: its workers and nannies sweep as they join
         assert _files_of(dead) == []
+
+
+# --- another user on the same host ----------------------------------------------------------------
+
+_THEIRS = """
+    import sys
+    import numpy as np
+    from distributed import Client, LocalCluster
+    import hpcshare
+    from hpcshare.anywhere import files
+    if __name__ == "__main__":
+        with LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=None) as c, Client(c) as client:
+            h = hpcshare.put(np.ones(1000))
+            print(files.cluster_of(h.generation), flush=True)
+            sys.stdin.readline()  # until the test has done its worst
+            print(client.submit(lambda h: float(h.resolve().sum()), h).result(), flush=True)
+"""
+
+
+# run as the other user: how many of ``paths`` refused ``what`` (a statement on ``p``)
+_DENIED = """
+import os
+denied = 0
+for p in {paths!r}:
+    try:
+        {what}
+    except PermissionError:
+        denied += 1
+print(denied)
+"""
+
+
+def _missing_users() -> str | None:
+    if os.geteuid() != 0:
+        return "making another user needs root"
+    absent = [c for c in ("useradd", "userdel", "runuser") if shutil.which(c) is None]
+    return f"making another user needs {', '.join(absent)} (Debian: passwd, util-linux)" if absent else None
+
+
+@contextlib.contextmanager
+def _another_user():
+    """A user of its own for the block (useradd) and its home (a new folder); both removed afterwards."""
+    import tempfile
+
+    name = "hsh" + secrets.token_hex(4)
+    home = tempfile.mkdtemp(prefix="hpcshare-user-")  # not under pytest's tmp_path: that is 0700 root's
+    subprocess.run(["useradd", "--no-create-home", "--home-dir", home, name], check=True, timeout=60)
+    try:
+        shutil.chown(home, name)
+        yield name, home
+    finally:
+        subprocess.run(["userdel", name], check=False, timeout=60)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def _as(user: str, home, args: list[str], **kw) -> subprocess.Popen:
+    """Run ``args`` as ``user``, with a Python that user can run and this environment's packages."""
+    import site
+    import sysconfig
+
+    python = _python_for_others()
+    path = [str(ROOT)] + (
+        [] if python == sys.executable else [sysconfig.get_paths()["purelib"], *site.getsitepackages()]
+    )
+    env = {
+        "PATH": os.environ["PATH"],
+        "HOME": str(home),
+        "PYTHONPATH": os.pathsep.join(path),
+        "OMP_NUM_THREADS": "1",
+    }
+    return subprocess.Popen(
+        ["runuser", "-u", user, "--", python, *args], env=env, cwd=str(home), start_new_session=True, **kw
+    )
+
+
+def _python_for_others() -> str:
+    """This Python if every user may run it (a venv under /root may not be), else the system's of the same version."""
+    real = os.path.realpath(sys.executable)
+    if all(os.stat(d).st_mode & 0o001 for d in _parents(real)) and os.stat(real).st_mode & 0o005 == 0o005:
+        return sys.executable
+    system = f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}"
+    if not os.path.exists(system):
+        pytest.skip(f"{real} is not executable by other users and there is no {system}")
+    return system
+
+
+def _parents(path: str) -> list[str]:
+    parts = []
+    while (path := os.path.dirname(path)) not in parts:
+        parts.append(path)
+    return parts
+
+
+def test_another_users_live_objects_are_never_touched_and_ours_are_closed_to_them(cluster, tmp_path):
+    missing = _missing_users()
+    if missing:
+        pytest.skip(missing)
+    with _another_user() as (user, home):
+        script = os.path.join(home, "theirs.py")
+        with open(script, "w") as f:
+            f.write(textwrap.dedent(_THEIRS))
+        os.chmod(script, 0o644)
+        theirs = _as(user, home, [script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            assert theirs.stdout is not None and theirs.stdin is not None
+            their_cluster = theirs.stdout.readline().strip()
+            assert their_cluster, "the other user's cluster did not start"
+            their_files = _files_of(their_cluster)
+            assert len(their_files) == 2  # the group's marker and the object
+
+            with Client(cluster) as client:
+                live = hpcshare.put(np.ones(10))  # its workers swept as they joined: before the kill
+                dead = _killed_cluster(tmp_path)  # ours: every process killed with kill -9
+                assert len(_files_of(dead)) == 2
+                ours = [os.path.join(SHM, n) for n in _files_of(files.cluster_of(live.generation))]
+                for what in ("open(p).read()", "os.unlink(p)"):  # they can neither read nor remove ours
+                    probe = _as(
+                        user,
+                        home,
+                        ["-c", _DENIED.format(paths=ours, what=what)],
+                        stdout=subprocess.PIPE,
+                        text=True,
+                    )
+                    out, _ = probe.communicate(timeout=60)
+                    assert out.split() == [str(len(ours))], (what, out)
+
+                run = run_cmd([sys.executable, "-m", "hpcshare", "clean"], timeout=60)  # as root, too
+                assert run.returncode == 0 and _files_of(dead) == [], run
+                assert "2 file(s) of dead Dask clusters removed" in run.stdout, run
+                # a new cluster of ours: its workers and nannies sweep as they start
+                with (
+                    LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=None) as c2,
+                    Client(c2, set_as_default=False) as other,
+                ):
+                    other.submit(hpcshare.put, np.ones(10), pure=False).result()
+                assert _files_of(their_cluster) == their_files  # theirs untouched by either
+                assert client.submit(lambda h: float(h.resolve().sum()), live).result() == 10.0
+                hpcshare.free(live)
+            theirs.stdin.write("\n")
+            theirs.stdin.flush()
+            assert theirs.stdout.readline().strip() == "1000.0"  # their object still resolves
+            assert theirs.wait(timeout=60) == 0
+        finally:
+            if theirs.poll() is None:
+                os.killpg(theirs.pid, signal.SIGKILL)
+                theirs.wait()
+    assert _files_of(their_cluster) == []  # their cluster removed its own as it closed
