@@ -64,21 +64,36 @@ def test_objects_go_when_the_cluster_closes():
 
 _KILLED = """
     import os, sys, time
+    from multiprocessing import resource_tracker
     import numpy as np
     from distributed import Client, LocalCluster
     import hpcshare
     from hpcshare.anywhere import files
+
+    _register = resource_tracker.register
+
+    def register(name, rtype):  # Python's semaphores in /dev/shm, which kill -9 leaves: the test removes them
+        if rtype == "semaphore":
+            print("SEM", name, flush=True)
+        _register(name, rtype)
+
+    resource_tracker.register = register
     if __name__ == "__main__":
         cluster = LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None)
         client = Client(cluster)
         h = hpcshare.submit(client, np.ones, 1000).result()
-        print(files.cluster_of(h.generation), flush=True)
+        print("CLUSTER", files.cluster_of(h.generation), flush=True)
         time.sleep(600)
 """
 
 
 def _killed_cluster(tmp_path) -> str:
-    """A LocalCluster that put an object, then kill -9 of every one of its processes; its name."""
+    """A LocalCluster that put an object, then kill -9 of every one of its processes; its name.
+
+    Afterwards it removes the multiprocessing semaphores (``sem.mp-*``) that
+    the dead processes left in /dev/shm: Python's, not hpcshare's, but this
+    test's to clean.
+    """
     script = tmp_path / "killed.py"
     script.write_text(textwrap.dedent(_KILLED))
     proc = subprocess.Popen(
@@ -88,15 +103,21 @@ def _killed_cluster(tmp_path) -> str:
         start_new_session=True,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
+    lines = []
     try:
         assert proc.stdout is not None
-        line = proc.stdout.readline().strip()
+        while (line := proc.stdout.readline()) and not line.startswith("CLUSTER "):
+            lines.append(line)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # client, scheduler, nannies, workers: one session
-        proc.wait(timeout=30)
-    assert line, "the cluster did not start"
+        rest, _ = proc.communicate(timeout=30)
+    for entry in [*lines, *rest.splitlines()]:
+        if entry.startswith("SEM /"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(SHM, "sem." + entry.split()[1][1:]))
+    assert line.startswith("CLUSTER "), "the cluster did not start"
     time.sleep(0.5)  # the kernel drops the dead processes' locks
-    return line
+    return line.split()[1]
 
 
 def test_after_kill_9_of_everything_clean_removes_the_dead_files_and_not_a_live_clusters(cluster, tmp_path):
