@@ -8,8 +8,9 @@ the workers' own counters of bytes fetched from other groups. The seed's
 pattern holds one copy per host and sends it into the other host once;
 Dask's own pattern sends a copy to every worker there. Then workers killed
 with ``kill -9`` in the middle of a put: writing an object, fetching it
-from the other host, and receiving a far client's put. When the cluster
-ends, each host's /dev/shm is empty.
+from the other host, and receiving a far client's put; a host without room;
+a client killed with ``kill -9``. When the cluster ends, each host's
+/dev/shm is empty.
 
 No MPI: not marked ``hosts`` (which CI runs again under Open MPI), so CI
 runs these once, in the MPICH stage's whole suite. Figures are printed
@@ -27,7 +28,7 @@ import time
 
 import numpy as np
 import pytest
-from daskprocs import DaskProcesses, objects_here, on_each, traffic
+from daskprocs import DaskProcesses, RemoteError, objects_here, on_each, traffic
 from distributed import Client
 
 import hpcshare
@@ -199,6 +200,10 @@ def _resolve_error(handle) -> str:
 
 def _free(client, handle) -> None:
     hpcshare.free(handle)
+
+
+def _resolve_errors(client, handle, workers: list[str]) -> list[str]:
+    return client.gather([client.submit(_resolve_error, handle, workers=[w], pure=False) for w in workers])
 
 
 def _free_everywhere(client, handles, workers: list[str]) -> list[str]:
@@ -431,3 +436,37 @@ def test_a_far_clients_put_completes_on_another_worker_when_its_worker_is_killed
             hpcshare.free(result["handle"])
     ours = files.PREFIX + files.cluster_of(result["handle"].generation)
     assert not [n for n in objects_here() if n.startswith(ours)]  # nothing on the far client's host
+
+
+# --- room, and a client that dies -------------------------------------------------------------
+
+
+def test_a_host_without_room_refuses_the_put_before_anything_is_allocated_naming_the_host(cluster, logs):
+    h1 = cluster.names[1]
+    filler = cluster.hosts.shm(h1) / "filler"  # host 1's /dev/shm (512 MiB) nearly full
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, 480 * 2**20)
+        before = {h: cluster.shm(h) for h in cluster.names}
+        with pytest.raises(RemoteError, match=rf"CapacityError: .*on host {h1}.*hpcshare\.shm-dir"):
+            cluster.client.call(_put_from_client, [])  # fits host 0, not host 1
+        assert {h: cluster.shm(h) for h in cluster.names} == before  # nothing allocated, on either host
+    finally:
+        os.close(fd)
+        os.unlink(filler)
+
+
+def test_a_client_killed_with_kill_9_has_its_objects_freed_on_both_hosts(cluster, logs):
+    h0 = cluster.names[0]
+    doomed = cluster.dask.client(cluster.hosts.enter(h0))  # a second client program on host 0
+    handle, _ = doomed.call(_put_from_client, [])
+    everyone = [w for ws in cluster.workers().values() for w in ws]
+    cluster.client.call(on_each, handle, everyone)  # both hosts hold it
+    assert all(any(n.endswith(handle.name) for n in cluster.shm(h)) for h in cluster.names)
+    os.killpg(doomed.proc.pid, signal.SIGKILL)
+    doomed.close()
+    assert _settled(
+        lambda: not any(n.endswith(handle.name) for h in cluster.names for n in cluster.shm(h)), within=60
+    ), {h: cluster.shm(h) for h in cluster.names}
+    answers = cluster.client.call(_resolve_errors, handle, everyone)
+    assert all("closed or disconnected" in a for a in answers), answers
