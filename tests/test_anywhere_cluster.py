@@ -35,7 +35,11 @@ def client():
         Client(cluster) as c,
     ):
         yield c
-    assert not _cluster_files(), "the cluster's files outlived it"
+        name = c.run_on_scheduler(lambda dask_scheduler: dask_scheduler.plugins[files.PLUGIN].cluster)
+    deadline = time.monotonic() + 20  # the nannies leave the group once their workers have ended
+    while _cluster_files(name) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _cluster_files(name), "the cluster's files outlived it"
 
 
 def _cluster_files(cluster: str | None = None) -> list[str]:

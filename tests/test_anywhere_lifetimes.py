@@ -1,6 +1,11 @@
 """Lifetimes on a Dask cluster hpcshare did not start: objects go with free, with the client that
 put them, with the cluster; after kill -9 of everything, with the next hpcshare process or
-``python -m hpcshare clean``, never touching a live cluster's objects."""
+``python -m hpcshare clean``, never touching a live cluster's objects.
+
+The module's clusters keep their objects in a shared-memory directory of
+its own (``hpcshare.shm-dir``, 1777 like /dev/shm): on a machine shared
+with other users of hpcshare, their workers' sweeps of /dev/shm would
+otherwise remove a dead cluster's files before the test looks."""
 
 from __future__ import annotations
 
@@ -11,9 +16,11 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 
+import dask
 import numpy as np
 import pytest
 from distributed import Client, LocalCluster
@@ -23,7 +30,28 @@ import hpcshare
 from hpcshare.anywhere import files
 from hpcshare.errors import ResolveError
 
-SHM = "/dev/shm"
+SHM = ""  # the module's hpcshare.shm-dir (see above), made by private_shm
+DEV_SHM = "/dev/shm"  # where Python's semaphores are
+
+
+@pytest.fixture(scope="module", autouse=True)
+def private_shm():
+    global SHM
+    SHM = tempfile.mkdtemp(prefix="hpcshare-lifetimes-")
+    os.chmod(SHM, 0o1777)
+    before = os.environ.get("DASK_HPCSHARE__SHM_DIR")
+    os.environ["DASK_HPCSHARE__SHM_DIR"] = SHM  # for the module's subprocesses
+    try:
+        with dask.config.set({"hpcshare.shm-dir": SHM}):  # for this process and its clusters
+            yield SHM
+    finally:
+        if before is None:
+            del os.environ["DASK_HPCSHARE__SHM_DIR"]
+        else:
+            os.environ["DASK_HPCSHARE__SHM_DIR"] = before
+        left = os.listdir(SHM)
+        shutil.rmtree(SHM, ignore_errors=True)
+        assert not left, f"left behind in {SHM}: {left}"
 
 
 def _files_of(cluster: str) -> list[str]:
@@ -38,7 +66,7 @@ def _gone(cluster: str, name: str = "", within: float = 10.0) -> bool:
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(private_shm):
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as c:
         yield c
 
@@ -114,7 +142,7 @@ def _killed_cluster(tmp_path) -> str:
     for entry in [*lines, *rest.splitlines()]:
         if entry.startswith("SEM /"):
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(SHM, "sem." + entry.split()[1][1:]))
+                os.unlink(os.path.join(DEV_SHM, "sem." + entry.split()[1][1:]))
     assert line.startswith("CLUSTER "), "the cluster did not start"
     time.sleep(0.5)  # the kernel drops the dead processes' locks
     return line.split()[1]
@@ -181,8 +209,6 @@ def _missing_users() -> str | None:
 @contextlib.contextmanager
 def _another_user():
     """A user of its own for the block (useradd) and its home (a new folder); both removed afterwards."""
-    import tempfile
-
     name = "hsh" + secrets.token_hex(4)
     home = tempfile.mkdtemp(prefix="hpcshare-user-")  # not under pytest's tmp_path: that is 0700 root's
     subprocess.run(["useradd", "--no-create-home", "--home-dir", home, name], check=True, timeout=60)
@@ -208,6 +234,7 @@ def _as(user: str, home, args: list[str], **kw) -> subprocess.Popen:
         "HOME": str(home),
         "PYTHONPATH": os.pathsep.join(path),
         "OMP_NUM_THREADS": "1",
+        "DASK_HPCSHARE__SHM_DIR": SHM,
     }
     return subprocess.Popen(
         ["runuser", "-u", user, "--", python, *args], env=env, cwd=str(home), start_new_session=True, **kw
