@@ -16,8 +16,8 @@ and nannies that join later (adaptive scaling, a Nanny's restart).
   files if it was the last member.
 - :class:`NannySide` holds the group too (so a worker's restart does not
   drop the group's files) and has the Nanny's restart check compare the
-  worker's *private* memory with its limit. A closing nanny leaves the
-  group only once its worker process has ended: a worker that Dask kills
+  worker's *private* memory with its limit. A closing nanny sweeps the
+  group again once its worker process has ended: a worker that Dask kills
   because it did not close in time (its own teardown never runs) still
   leaves nothing behind.
 """
@@ -49,7 +49,7 @@ FREED = (
 )
 CLIENT_GONE = "the client that put it ({client}) closed or disconnected, which frees its objects."
 CLUSTER_GONE = "the cluster that held it has closed."
-_WORKER_END = 60.0  # s a closing nanny waits for its worker process to end before it leaves the group
+_WORKER_END = 60.0  # s a closing nanny waits for its worker process to end, to sweep after it
 
 
 @dataclasses.dataclass
@@ -240,21 +240,22 @@ class NannySide(NannyPlugin):
                 self._dask_check.start()
             callbacks["memory_monitor"] = self._dask_check
         if hasattr(self, "member"):
+            self.member.leave()
+            lifetimes.sweep(self.member.shm_dir, self.cluster)  # a worker that closes later sweeps too
             # Dask tears nanny plugins down before it stops the worker process, and kills a worker
-            # that does not close in time (then the worker's teardown never runs): leave the group,
-            # and sweep it, once that process has ended. Not a daemon: the nanny's process waits for it.
+            # that does not close in time: then the worker's own teardown never runs, so sweep
+            # again once that process has ended. Not a daemon: the nanny's process waits for it.
             process = nanny.process.process if nanny.process is not None else None
             pid = process.pid if process is not None else None
-            threading.Thread(target=self._leave_after, args=(pid,), name="hpcshare-nanny-leave").start()
+            if pid is not None and _alive(pid):
+                threading.Thread(target=self._sweep_after, args=(pid,), name="hpcshare-nanny-sweep").start()
 
-    def _leave_after(self, pid: int | None) -> None:
-        """Leave the group (and sweep it if this was its last member) once process ``pid`` has ended."""
-        if pid is not None:
-            try:
-                poll(lambda: not _alive(pid), timeout=_WORKER_END, what=f"worker process {pid} to end")
-            except WaitTimeout:  # still alive: it holds the group itself, so the sweep keeps its files
-                pass
-        self.member.leave()
+    def _sweep_after(self, pid: int) -> None:
+        """Sweep the group (if nobody holds it any more) once process ``pid`` has ended."""
+        try:
+            poll(lambda: not _alive(pid), timeout=_WORKER_END, what=f"worker process {pid} to end")
+        except WaitTimeout:  # still alive: it holds the group itself, and sweeps as it leaves
+            return
         lifetimes.sweep(self.member.shm_dir, self.cluster)
 
     def _swap_memory_check(self, nanny: Nanny) -> None:
