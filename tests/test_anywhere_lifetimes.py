@@ -216,8 +216,22 @@ def _another_user():
         shutil.chown(home, name)
         yield name, home
     finally:
-        subprocess.run(["userdel", name], check=False, timeout=60)
+        _end_processes_of(name)  # userdel refuses a user whose processes (a cluster's workers) still run
+        subprocess.run(["userdel", name], check=True, timeout=60)
         shutil.rmtree(home, ignore_errors=True)
+
+
+def _end_processes_of(user: str, timeout: float = 30) -> None:
+    """SIGKILL every process of ``user`` (made by the test), by pid, until none is left."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while procs := [p for p in psutil.process_iter(["username"]) if p.info["username"] == user]:
+        assert time.monotonic() < deadline, f"processes of {user} would not end: {procs}"
+        for p in procs:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        psutil.wait_procs(procs, timeout=5)
 
 
 def _as(user: str, home, args: list[str], **kw) -> subprocess.Popen:
