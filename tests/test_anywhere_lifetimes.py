@@ -49,7 +49,9 @@ def private_shm():
             del os.environ["DASK_HPCSHARE__SHM_DIR"]
         else:
             os.environ["DASK_HPCSHARE__SHM_DIR"] = before
-        left = os.listdir(SHM)
+        deadline = time.monotonic() + 20  # nannies sweep once their workers have ended
+        while (left := os.listdir(SHM)) and time.monotonic() < deadline:
+            time.sleep(0.1)
         shutil.rmtree(SHM, ignore_errors=True)
         assert not left, f"left behind in {SHM}: {left}"
 
