@@ -11,6 +11,7 @@ import re
 import stat
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -34,7 +35,11 @@ def client():
         Client(cluster) as c,
     ):
         yield c
-    assert not _cluster_files(), "the cluster's files outlived it"
+        name = c.run_on_scheduler(lambda dask_scheduler: dask_scheduler.plugins[files.PLUGIN].cluster)
+    deadline = time.monotonic() + 20  # the nannies leave the group once their workers have ended
+    while _cluster_files(name) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _cluster_files(name), "the cluster's files outlived it"
 
 
 def _cluster_files(cluster: str | None = None) -> list[str]:
@@ -173,3 +178,27 @@ def test_put_without_a_cluster_or_a_job_says_both_ways():
     assert run.returncode == 1
     assert "distributed.Client" in run.stderr and "python -m hpcshare job" in run.stderr
     assert HpcshareError.__name__ in run.stderr
+
+
+def test_a_worker_that_joins_after_the_first_put_gets_the_plugins_and_maps_the_groups_copy(client):
+    cluster = client.cluster
+    handle = hpcshare.put(np.arange(1000, dtype="f8"))
+    first = set(client.scheduler_info()["workers"])
+    cluster.scale(len(first) + 1)  # as adaptive scaling does
+    try:
+        client.wait_for_workers(len(first) + 1, timeout=120)
+        (late,) = set(client.scheduler_info()["workers"]) - first
+        assert files.PLUGIN in client.run(lambda dask_worker: list(dask_worker.plugins), workers=[late])[late]
+        places = [
+            client.submit(_where_resolved, handle, workers=[w], pure=False).result() for w in [*first, late]
+        ]
+        (name,) = _objects(handle)  # still one copy, read by every worker, old and new
+        assert {p["file"] for p in places} == {os.path.join(SHM, name)}
+        assert len({p["pid"] for p in places}) == len(first) + 1
+        hpcshare.free(handle)
+    finally:
+        cluster.scale(len(first))
+        client.wait_for_workers(len(first), timeout=60)
+        deadline = time.monotonic() + 60
+        while len(client.scheduler_info()["workers"]) > len(first) and time.monotonic() < deadline:
+            time.sleep(0.1)

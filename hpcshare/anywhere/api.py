@@ -9,8 +9,9 @@ plugins with the scheduler the first time (:mod:`.plugins`).
 A put writes the object once into the putter's group
 (:func:`.copies.write`): a task's worker writes its own group's file, a
 client that sees a live group's shared-memory directory (a LocalCluster,
-a client on a worker's host) writes it itself. Other groups fetch it on
-first resolve. Room is checked in every group before anything is
+a client on a worker's host) writes it itself, and a client that sees none
+(a login node) sends it once to one worker, which writes its group's file.
+Other groups fetch it on first resolve. Room is checked in every group before anything is
 allocated.
 """
 
@@ -133,29 +134,84 @@ def _put_in_task(worker: Worker, side: plugins.WorkerSide, obj: Any) -> Handle:
 
 
 def put_from_client(client: Client, obj: Any) -> Handle:
-    """:func:`put` in the client's program (local to the client)."""
+    """:func:`put` in the client's program (local to the client).
+
+    A client that sees a live group's shared-memory directory writes the
+    object there itself; one that sees none (a login node, a container of
+    its own) pushes it (:func:`_push`).
+    """
     cluster = ensure(client)
     enc = codec.encode(obj)
     what = _described(enc)
     with groups.joined(groups.shm_dir(), cluster) as member:
-        if member is None:
-            raise HpcshareError(
-                f"{what}: this client sees no worker's shared memory ({groups.shm_dir()} holds no live "
-                "group of this cluster); put from a task instead: hpcshare.submit(client, make) runs "
-                "make on a worker and holds its result there"
+        if member is not None:
+            refusals = client.sync(
+                client.scheduler.hpcshare_room, nbytes=enc.nbytes, what=what, group=member.group
             )
-        refusals = client.sync(
-            client.scheduler.hpcshare_room, nbytes=enc.nbytes, what=what, group=member.group
+            name = _write(member, enc, what, refusals)
+            client.sync(
+                client.scheduler.hpcshare_register,
+                name=name,
+                group=member.group,
+                nbytes=enc.nbytes,
+                client=client.id,
+            )
+            return _handle(cluster, name, enc, obj)
+    return _push(client, obj, what)
+
+
+def _put_here(obj: Any) -> Handle:
+    return put(obj)
+
+
+def _push(client: Client, obj: Any, what: str) -> Handle:
+    """Send ``obj`` once, to one worker, which puts it into its group (local to the client).
+
+    The bytes leave the client once (``scatter`` to that worker, over the
+    cluster's comms); other groups fetch from that group on first resolve.
+    The worker holds the scattered object privately only until its put
+    returns. The object is this client's, as if it had written it. If that
+    worker dies or leaves before its put returns (its ``.part`` file is
+    swept), the client sends the object to the next worker.
+    """
+    from concurrent.futures import CancelledError
+
+    from distributed.scheduler import KilledWorker
+
+    workers = sorted(client.scheduler_info()["workers"])
+    if not workers:
+        raise HpcshareError(
+            f"{what}: this client sees no worker's shared memory and the cluster has no worker to send "
+            "it to yet; wait for workers (client.wait_for_workers(1)) and put again"
         )
-        name = _write(member, enc, what, refusals)
-        client.sync(
-            client.scheduler.hpcshare_register,
-            name=name,
-            group=member.group,
-            nbytes=enc.nbytes,
-            client=client.id,
+    lost = []
+    for target in workers:
+        try:
+            return _push_to(client, obj, target)
+        except (CancelledError, KilledWorker, OSError) as exc:  # that worker died or left meanwhile
+            lost.append(f"{target} ({type(exc).__name__}: {exc})")
+    raise HpcshareError(
+        f"{what}: every worker it was sent to died or left before it held it: {'; '.join(lost)}. "
+        "Put it again once the cluster has workers that stay."
+    )
+
+
+def _push_to(client: Client, obj: Any, target: str) -> Handle:
+    import uuid
+
+    [scattered] = client.scatter([obj], workers=[target], hash=False)
+    try:
+        pushed = client.submit(
+            _put_here,
+            scattered,
+            key=f"hpcshare-push-{uuid.uuid4().hex}",
+            workers=[target],
+            allow_other_workers=False,
+            pure=False,
         )
-    return _handle(cluster, name, enc, obj)
+        return pushed.result()
+    finally:
+        scattered.release()
 
 
 def free(handle: Handle) -> None:

@@ -16,13 +16,17 @@ and nannies that join later (adaptive scaling, a Nanny's restart).
   files if it was the last member.
 - :class:`NannySide` holds the group too (so a worker's restart does not
   drop the group's files) and has the Nanny's restart check compare the
-  worker's *private* memory with its limit.
+  worker's *private* memory with its limit. A closing nanny sweeps the
+  group again once its worker process has ended: a worker that Dask kills
+  because it did not close in time (its own teardown never runs) still
+  leaves nothing behind.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +34,7 @@ from distributed.diagnostics.plugin import NannyPlugin, SchedulerPlugin, WorkerP
 from tornado.ioloop import PeriodicCallback
 
 from ..memory import PrivateMemory, private_memory
+from ..sync import WaitTimeout, poll
 from . import files, groups, lifetimes, transfer
 from .copies import Copies
 
@@ -44,6 +49,7 @@ FREED = (
 )
 CLIENT_GONE = "the client that put it ({client}) closed or disconnected, which frees its objects."
 CLUSTER_GONE = "the cluster that held it has closed."
+_WORKER_END = 60.0  # s a closing nanny waits for its worker process to end, to sweep after it
 
 
 @dataclasses.dataclass
@@ -162,8 +168,9 @@ class WorkerSide(WorkerPlugin):
         self.worker = worker
         self._memory = PrivateMemory()
         self._memory.setup(worker)
+        self.traffic = {"served": 0, "fetched": 0}  #: bytes this worker sent to / read from other groups
+        # handlers are named functions (bound methods): distributed logs each handler's __name__
         self._handlers: dict[str, Callable[..., Any]] = {
-            # bound methods, not functools.partial: distributed logs a handler's __name__ before calling it
             "hpcshare_piece": self._serve_piece,
             "hpcshare_room": self._room,
             "hpcshare_release": self.copies.release,
@@ -173,10 +180,16 @@ class WorkerSide(WorkerPlugin):
         await worker.scheduler.hpcshare_join(worker=worker.address, group=self.member.group)
 
     def _serve_piece(self, name: str, offset: int, size: int) -> bytes:
-        return transfer.serve_piece(self.member, name, offset, size)
+        piece = transfer.serve_piece(self.member, name, offset, size)
+        self.traffic["served"] += len(piece)
+        return piece
 
     def _room(self, nbytes: int, what: str) -> str | None:
         return transfer.room(self.member, nbytes, what)
+
+    def fetch(self, name: str, what: str, timeout: float) -> None:
+        """Copy ``name`` into this worker's group from another group (see :func:`.transfer.fetch`)."""
+        self.traffic["fetched"] += transfer.fetch(self.worker, self.member, name, what, timeout)
 
     def teardown(self, worker: Worker) -> None:
         from distributed.core import Status
@@ -191,6 +204,14 @@ class WorkerSide(WorkerPlugin):
             self.copies.clear()
             self.member.leave()
             lifetimes.sweep(self.member.shm_dir, self.cluster)  # the last member removes the group's files
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists, also as a zombie: a killed process's other threads may still
+    hold its files (and locks) after its first thread shows as a zombie; it is gone once reaped."""
+    import psutil
+
+    return bool(psutil.pid_exists(pid))
 
 
 class NannySide(NannyPlugin):
@@ -220,7 +241,22 @@ class NannySide(NannyPlugin):
             callbacks["memory_monitor"] = self._dask_check
         if hasattr(self, "member"):
             self.member.leave()
-            lifetimes.sweep(self.member.shm_dir, self.cluster)
+            lifetimes.sweep(self.member.shm_dir, self.cluster)  # a worker that closes later sweeps too
+            # Dask tears nanny plugins down before it stops the worker process, and kills a worker
+            # that does not close in time: then the worker's own teardown never runs, so sweep
+            # again once that process has ended. Not a daemon: the nanny's process waits for it.
+            process = nanny.process.process if nanny.process is not None else None
+            pid = process.pid if process is not None else None
+            if pid is not None and _alive(pid):
+                threading.Thread(target=self._sweep_after, args=(pid,), name="hpcshare-nanny-sweep").start()
+
+    def _sweep_after(self, pid: int) -> None:
+        """Sweep the group (if nobody holds it any more) once process ``pid`` has ended."""
+        try:
+            poll(lambda: not _alive(pid), timeout=_WORKER_END, what=f"worker process {pid} to end")
+        except WaitTimeout:  # still alive: it holds the group itself, and sweeps as it leaves
+            return
+        lifetimes.sweep(self.member.shm_dir, self.cluster)
 
     def _swap_memory_check(self, nanny: Nanny) -> None:
         """Run Dask's restart check only when the worker's private memory is over the threshold.

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import codec
 from ..errors import ResolveError
-from . import files, groups, transfer
+from . import files, groups
 from .copies import map_copy
 
 if TYPE_CHECKING:
@@ -50,7 +50,7 @@ def resolve(handle: Handle, kind: str) -> Any:
             try:
                 return side.copies.open(handle.name)
             except FileNotFoundError:
-                transfer.fetch(side.worker, side.member, handle.name, what, timeout=_timeout())
+                side.fetch(handle.name, what, timeout=_timeout())
                 return side.copies.open(handle.name)
 
         return side.copies.get(handle.name, kind, load)

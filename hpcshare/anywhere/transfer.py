@@ -91,17 +91,18 @@ async def _read_from(worker: Worker, address: str, name: str, offset: int, size:
     return await worker.rpc(address).hpcshare_piece(name=name, offset=offset, size=size)
 
 
-def fetch(worker: Worker, member: Member, name: str, what: str, timeout: float) -> None:
+def fetch(worker: Worker, member: Member, name: str, what: str, timeout: float) -> int:
     """Copy object ``name`` into this group from a worker of a group that holds it (local).
 
-    Raises :class:`ResolveError` if it was freed or nobody holds it any
+    Returns the bytes this call read from other groups (0 when another
+    worker of the group fetched it meanwhile). Raises :class:`ResolveError` if it was freed or nobody holds it any
     more, :class:`~hpcshare.CapacityError` if this group has no room.
     """
     from distributed.utils import sync
 
     for _ in range(_TRIES):
         if os.path.exists(member.path(name)):
-            return
+            return 0
         answer = sync(worker.loop, worker.scheduler.hpcshare_sources, name=name)
         if answer["why"] is not None:
             raise ResolveError(f"{what} cannot be resolved: {answer['why']}")
@@ -118,5 +119,5 @@ def fetch(worker: Worker, member: Member, name: str, what: str, timeout: float) 
             poll(lambda: _writer_gone(member, name), timeout=timeout, what=f"another worker to fetch {what}")
             continue
         sync(worker.loop, worker.scheduler.hpcshare_holds, name=name, group=member.group)
-        return
+        return int(nbytes)
     raise ResolveError(f"{what}: the workers of this group that fetched it died {_TRIES} times")
