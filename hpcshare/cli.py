@@ -189,7 +189,8 @@ def _parser() -> argparse.ArgumentParser:
             "(unidist-put), for an array and for a DataFrame (groupby). One run after another; "
             "each measured from outside (node memory as the sum of PSS over its processes, "
             "sampled: the peak, and the peak while the tasks ran; time to ready; task phase; "
-            "bytes moved). With --overhead, instead: the job's own costs, with TLS and without, "
+            "bytes moved). With --overhead, instead: start-up against plain dask-mpi (as with "
+            "--startup), then the job's own costs, with TLS and without, "
             "at start-up and per tiny task, with an input handle and without. Run it directly, not "
             "under mpiexec: it starts mpiexec itself."
         ),
@@ -228,6 +229,20 @@ def _parser() -> argparse.ArgumentParser:
         type=_positive,
         metavar="N",
         help=f"--overhead: tiny tasks of each kind, with TLS and without (default {TINY_TASKS})",
+    )
+    bench.add_argument(
+        "--startup",
+        action="store_true",
+        help="instead of the contenders: only the start-up comparison --overhead begins with: "
+        "mpiexec -n W+2 of plain dask-mpi and of 'hpcshare job' (TLS on, and --no-tls) with an empty "
+        "main, interleaved; medians of wall time and of the CPU time of everything mpiexec started, "
+        "hpcshare's ratios, and the target (<= 1.1x plain dask-mpi) judged",
+    )
+    bench.add_argument(
+        "--startup-runs",
+        type=_positive,
+        metavar="N",
+        help="--overhead, --startup: start-up runs of each setting (default 5)",
     )
     bench.add_argument(
         "--placement",
@@ -423,13 +438,18 @@ def _bench(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     contenders_only = [
         f"--{k}" for k in ("sizes", "tasks", "contenders", "workloads", "nodes") if getattr(ns, k) is not None
     ]
-    if ns.overhead and contenders_only:
+    if ns.overhead and ns.startup:
+        parser.error("--overhead already runs the start-up comparison; --startup runs it alone")
+    if (ns.overhead or ns.startup) and contenders_only:
         parser.error(
-            f"{', '.join(contenders_only)}: for the contenders, not --overhead (its jobs run tiny tasks "
-            "on a 1 MiB input; --workers and --tiny-tasks set them)"
+            f"{', '.join(contenders_only)}: for the contenders, not --overhead or --startup (their jobs "
+            "run tiny tasks on a 1 MiB input or an empty main; --workers, --tiny-tasks and "
+            "--startup-runs set them)"
         )
     if ns.tiny_tasks is not None and not ns.overhead:
         parser.error("--tiny-tasks goes with --overhead")
+    if ns.startup_runs is not None and not (ns.overhead or ns.startup):
+        parser.error("--startup-runs goes with --overhead or --startup")
     try:
         cfg = config_from_args(
             ns.sizes,
@@ -442,6 +462,8 @@ def _bench(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             ns.nodes,
             overhead=ns.overhead,
             tiny_tasks=ns.tiny_tasks,
+            startup=ns.startup,
+            startup_runs=ns.startup_runs,
         )
     except ConfigError as exc:
         parser.error(str(exc))
@@ -470,7 +492,16 @@ def _bench_placement(ns: argparse.Namespace, parser: argparse.ArgumentParser) ->
 
     others = [
         f"--{k.replace('_', '-')}"
-        for k in ("workers", "tasks", "contenders", "workloads", "overhead", "tiny_tasks")
+        for k in (
+            "workers",
+            "tasks",
+            "contenders",
+            "workloads",
+            "overhead",
+            "tiny_tasks",
+            "startup",
+            "startup_runs",
+        )
         if getattr(ns, k) not in (None, False)
     ]
     if others:

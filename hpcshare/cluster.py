@@ -30,6 +30,7 @@ from .errors import HpcshareError, JobFailed
 from .handles import Handle
 from .memory import PrivateMemory
 from .registry import registered_views
+from .topology import role_of, world_ranks
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -389,7 +390,8 @@ class DaskCluster:
 
     def _worker_options(self) -> dict[str, Any]:
         """Worker keywords: a name, the guarded task threads, the plugins (collective on node)."""
-        workers_on_node = self.topo.node.allreduce(1 if self.topo.role == "worker" else 0)
+        on_node = world_ranks(self.topo.node, list(range(self.topo.node.Get_size())), self.topo.world)
+        workers_on_node = sum(1 for rank in on_node if role_of(rank) == "worker")  # local: roles go by rank
         options: dict[str, Any] = {"name": f"rank-{self.topo.rank}"}
         if self.topo.role == "worker":
             options["executor"] = _task_executor(self.config.nthreads)

@@ -162,13 +162,14 @@ def worker_memory_limit(topo: Topology, config: JobConfig, shared: int) -> int:
         job would wait for them forever.
     """
     from distributed.system import MEMORY_LIMIT
-    from mpi4py import MPI
 
     is_worker, now = topo.role == "worker", private_memory()
-    workers_here = topo.host.allreduce(1 if is_worker else 0)
-    nodes_here = topo.host.allreduce(1 if topo.is_leader else 0)
-    others = topo.host.allreduce(0 if is_worker else int(now * OTHERS_GROWTH))
-    largest_worker = topo.host.allreduce(now if is_worker else 0, op=MPI.MAX)
+    # one round on the host: each rank's role, leadership and private memory now
+    ranks = topo.host.allgather((is_worker, topo.is_leader, now))
+    workers_here = sum(1 for worker, _, _ in ranks if worker)
+    nodes_here = sum(1 for _, leader, _ in ranks if leader)
+    others = sum(int(mem * OTHERS_GROWTH) for worker, _, mem in ranks if not worker)
+    largest_worker = max((mem for worker, _, mem in ranks if worker), default=0)
     if config.memory_limit == 0:
         return 0
     if config.memory_limit is not None:

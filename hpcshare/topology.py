@@ -23,6 +23,7 @@ __all__ = [
     "launcher_rank",
     "launcher_size",
     "role_of",
+    "world_ranks",
 ]
 
 SCHEDULER_RANK = 0
@@ -72,6 +73,16 @@ def role_of(rank: int) -> str:
     return "worker"
 
 
+def world_ranks(comm: MPI.Comm, ranks: list[int], world: MPI.Comm) -> list[int]:
+    """The ranks in ``world`` of ``comm``'s ``ranks`` (local: the groups are known here)."""
+    group, world_group = comm.Get_group(), world.Get_group()
+    try:
+        return list(group.Translate_ranks(ranks, world_group))
+    finally:
+        group.Free()
+        world_group.Free()
+
+
 @dataclasses.dataclass
 class Topology:
     """Communicators of one job. Build with :meth:`create`, end with :meth:`free`
@@ -114,12 +125,13 @@ class Topology:
             node = host.Split(host.Get_rank() // ranks_per_node, key=host.Get_rank())
         is_leader = node.Get_rank() == 0
         leaders = world.Split(0 if is_leader else MPI.UNDEFINED, key=world.Get_rank())
-        if is_leader:
-            info = (leaders.Get_rank(), leaders.Get_size())
-        else:
-            info = (0, 0)
-        node_index, n_nodes = node.bcast(info, root=0)
-        n_hosts = world.allreduce(1 if host.Get_rank() == 0 else 0)
+        # one round: which world ranks lead a node and which a host. The leaders' communicator
+        # orders them by world rank, so a node's index is how many leaders come before its own.
+        flags = world.allgather((is_leader, host.Get_rank() == 0))
+        leader = world_ranks(node, [0], world)[0]
+        node_index = sum(1 for lead, _ in flags[:leader] if lead)
+        n_nodes = sum(1 for lead, _ in flags if lead)
+        n_hosts = sum(1 for _, first in flags if first)
         return cls(
             world=world,
             node=node,

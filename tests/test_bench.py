@@ -14,6 +14,7 @@ from helpers import run_cmd
 from hpcshare.bench import BenchRow, make_inputs, memory_needed, run_one
 from hpcshare.bench.overhead import JOB_ORDER, expected_checksum
 from hpcshare.bench.sampling import resident_bytes
+from hpcshare.bench.startup import SETTINGS
 from hpcshare.bench.workloads import frame_work, make_frame
 
 
@@ -139,11 +140,39 @@ def test_memmap_maps_the_file_in_every_task_and_agrees(tmp_path):
 @pytest.mark.usefixtures("clean_shm")
 def test_overhead_measures_tls_and_handles_in_real_jobs(tmp_path):
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "hpcshare", "bench", "--overhead", "--tiny-tasks", "2000", "--out", str(out)]
-    run = run_cmd(cmd, timeout=400)
+    cmd = [
+        sys.executable,
+        "-m",
+        "hpcshare",
+        "bench",
+        "--overhead",
+        "--tiny-tasks",
+        "2000",
+        "--startup-runs",
+        "1",
+    ]
+    run = run_cmd([*cmd, "--out", str(out)], timeout=400)
     assert run.returncode == 0, run
     result = json.loads((out / "bench.json").read_text())
-    assert result["config"] == {"overhead": True, "workers": [2], "tiny_tasks": 2000, "jobs": list(JOB_ORDER)}
+    assert result["config"] == {
+        "overhead": True,
+        "workers": [2],
+        "tiny_tasks": 2000,
+        "jobs": list(JOB_ORDER),
+        "startup_runs": 1,
+    }
+    # start-up against plain dask-mpi, same 4 ranks, one run each: figures and the target's verdict
+    (startup,) = result["startup"]
+    assert startup["ranks"] == 4 and "failed" not in startup, startup
+    assert {s: len(r) for s, r in startup["runs"].items()} == {s: 1 for s in SETTINGS}, startup
+    for setting in SETTINGS:
+        ((wall, cpu),) = (tuple(r.values()) for r in startup["runs"][setting])
+        assert 0 < wall < 120 and 0 < cpu < 120, startup  # sane, not judged: a shared 2-core machine
+        if setting != "dask-mpi":
+            assert startup[setting]["wall_ratio"] == pytest.approx(wall / startup["dask-mpi"]["wall"])
+    verdicts = [t for t in result["targets"] if t["what"].startswith("start-up within 1.1x plain dask-mpi")]
+    assert len(verdicts) == 1 and verdicts[0]["met"] == (startup["hpcshare"]["wall_ratio"] <= 1.1), verdicts
+    assert f"target {'met ' if verdicts[0]['met'] else 'MISSED'}  start-up within 1.1x" in run.stdout
     rows = {BenchRow(**r).label: r for r in result["rows"]}
     assert set(rows) == {"hpcshare-tiny", "hpcshare-tiny no-tls"}
     for label, protocol in (("hpcshare-tiny", "tls"), ("hpcshare-tiny no-tls", "tcp")):
@@ -173,10 +202,11 @@ def test_overhead_measures_tls_and_handles_in_real_jobs(tmp_path):
     assert costs["TLS at start-up, launch to ready client, W=2"]["extra"] == pytest.approx(
         tls["startup"] - plain["startup"]
     )
-    assert result["targets"] == [] and "the handle target is stated for 100000 tiny tasks" in run.stdout
+    assert result["targets"] == verdicts and "the handle target is stated for 100000 tiny tasks" in run.stdout
     assert result["checksums_agree"] is True
     text = (out / "bench.txt").read_text()
     assert "hpcshare-tiny no-tls" in text and "a handle per task, TLS on, W=2: " in text
+    assert text.startswith("start-up, empty main") and "\nhpcshare no-tls " in text
     assert text in run.stdout.replace("\r", "")  # what was printed is what was written
     assert not (out / "bench.png").exists()
 
@@ -213,6 +243,10 @@ def test_a_contender_that_would_not_fit_is_skipped_with_its_figure(tmp_path):
         ["--overhead", "--sizes", "1GiB"],  # --overhead runs its own jobs on a small input
         ["--tiny-tasks", "5000"],  # without --overhead
         ["--overhead", "--tiny-tasks", "10"],  # too few to split over the jobs
+        ["--overhead", "--startup"],  # --overhead runs the start-up comparison already
+        ["--startup", "--tiny-tasks", "5000"],  # --startup runs no tiny tasks
+        ["--startup-runs", "3"],  # without --overhead or --startup
+        ["--startup", "--startup-runs", "0"],
         ["--placement", "--tasks", "3"],  # placement alone runs no tasks
         ["--placement", "--sizes", "1MiB,2MiB"],  # one size
         ["--placement", "--nodes", "0"],

@@ -6,7 +6,8 @@ another, so a run's memory is its own. The driver samples the node memory
 of the run's process tree from outside (:mod:`.sampling`), reads the
 figures the contender wrote, and hands the rows to :mod:`.targets` and
 :mod:`.output`. With ``--overhead`` it runs :mod:`.overhead`'s jobs instead,
-with TLS and without, and samples no memory.
+with TLS and without, and samples no memory; before them (and alone with
+``--startup``) :mod:`.startup`'s comparison with plain dask-mpi.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from .output import BASELINES, BenchResult, line, report_text, write_plot, write
 from .overhead import JOB_ORDER, combine, shares
 from .rows import BenchRow
 from .sampling import PeakMemory, available_memory, kill_group
+from .startup import STARTUP_RUNS, Startup, compare_startup
 from .targets import JUDGED_TINY_TASKS, checksums_agree, targets
 from .workloads import WORKLOADS
 
@@ -88,6 +90,8 @@ class BenchConfig:
     timeout: float = 1800.0  #: seconds one contender run may take
     overhead: bool = False  #: run the job's own costs (hpcshare-tiny) instead of the contenders
     tiny_tasks: int = TINY_TASKS  #: --overhead: tiny tasks of each kind, with TLS and without
+    startup: bool = False  #: run only the start-up comparison with plain dask-mpi (``--startup``)
+    startup_runs: int = STARTUP_RUNS  #: --overhead, --startup: start-up runs of each setting
 
 
 def parse_list(text: str, convert: Callable[[str], T]) -> tuple[T, ...]:
@@ -105,16 +109,22 @@ def config_from_args(
     nodes: str | None = None,
     overhead: bool = False,
     tiny_tasks: int | None = None,
+    startup: bool = False,
+    startup_runs: int | None = None,
 ) -> BenchConfig:
     """Validate ``hpcshare bench`` arguments (local); one given as None takes its default.
 
-    With ``overhead`` the workers default to :data:`OVERHEAD_WORKERS` and only
-    ``workers`` and ``tiny_tasks`` are used.
+    With ``overhead`` (or ``startup``) the workers default to
+    :data:`OVERHEAD_WORKERS` and only ``workers``, ``tiny_tasks`` and
+    ``startup_runs`` are used.
     """
     sizes, tasks = sizes or DEFAULT_SIZES, tasks or DEFAULT_TASKS
-    workers = workers or (OVERHEAD_WORKERS if overhead else DEFAULT_WORKERS)
+    workers = workers or (OVERHEAD_WORKERS if overhead or startup else DEFAULT_WORKERS)
     contenders = contenders or ",".join(ALL_CONTENDERS)
-    workloads, nodes = workloads or DEFAULT_WORKLOADS, nodes or DEFAULT_NODES
+    workloads, nodes = (
+        workloads or DEFAULT_WORKLOADS,
+        nodes or ("1" if overhead or startup else DEFAULT_NODES),
+    )
     try:
         size_list = parse_list(sizes, lambda t: int(parse_bytes(t)))
     except ValueError as exc:
@@ -148,6 +158,8 @@ def config_from_args(
             f"--tiny-tasks must be at least {MIN_TINY_TASKS} (each setting's tasks are split over "
             f"{JOB_ORDER.count(True)} jobs), got {tiny_tasks}"
         )
+    if startup_runs is not None and startup_runs < 1:
+        raise ConfigError(f"--startup-runs must be at least 1, got {startup_runs}")
     return BenchConfig(
         size_list,
         worker_list,
@@ -159,6 +171,8 @@ def config_from_args(
         node_list,
         overhead=overhead,
         tiny_tasks=tiny_tasks or TINY_TASKS,
+        startup=startup,
+        startup_runs=startup_runs or STARTUP_RUNS,
     )
 
 
@@ -265,6 +279,12 @@ def _why_not(
     return None
 
 
+def _env(scratch: Path) -> dict[str, str]:
+    """A run's environment: one BLAS thread, Dask's scratch files with the run's, not in /tmp."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    return env | {"DASK_TEMPORARY_DIRECTORY": str(scratch)}
+
+
 def run_one(
     contender: str,
     npy: Path,
@@ -296,8 +316,7 @@ def run_one(
     cmd += ["--workload", workload, "--nodes", str(nodes)]
     if contender == "hpcshare-tiny":
         cmd += [*(["--no-tls"] if tls is False else []), "--launched", repr(time.time())]
-    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    env["DASK_TEMPORARY_DIRECTORY"] = str(scratch)  # Dask's scratch files go with the run's, not to /tmp
+    env = _env(scratch)
     if contender == "unidist-put":
         env.update(UNIDIST_ENV)
     shm_before = shm.names()
@@ -431,7 +450,13 @@ def _all_rows(cfg: BenchConfig, scratch: Path, empty: tuple[Path, Path]) -> Iter
         yield from _runs_at_size(cfg, scratch, nbytes, empty)
 
 
-def _result(cfg: BenchConfig, rows: list[BenchRow], started: float, interrupted: bool = False) -> BenchResult:
+def _result(
+    cfg: BenchConfig,
+    rows: list[BenchRow],
+    started: float,
+    startup: list[Startup],
+    interrupted: bool = False,
+) -> BenchResult:
     config: dict[str, Any] = {
         "sizes": cfg.sizes,
         "workers": cfg.workers,
@@ -442,8 +467,13 @@ def _result(cfg: BenchConfig, rows: list[BenchRow], started: float, interrupted:
     }
     if cfg.overhead:
         config = {"overhead": True, "workers": cfg.workers, "tiny_tasks": cfg.tiny_tasks, "jobs": JOB_ORDER}
+    if cfg.startup:
+        config = {"startup": True, "workers": cfg.workers}
+    if cfg.overhead or cfg.startup:
+        config["startup_runs"] = cfg.startup_runs
+    verdicts = [t for c in startup if (t := c.target()) is not None] + targets(rows)
     return BenchResult(
-        config, time.perf_counter() - started, rows, checksums_agree(rows), targets(rows), interrupted
+        config, time.perf_counter() - started, rows, checksums_agree(rows), verdicts, interrupted, startup
     )
 
 
@@ -499,24 +529,35 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
     cfg.out.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="hpcshare-bench-", dir=cfg.scratch))
     rows: list[BenchRow] = []
+    startup: list[Startup] = []
     started = time.perf_counter()
     try:
-        empty = make_inputs(scratch, EMPTY_BYTES)
-        for row in _all_rows(cfg, scratch, empty):
-            rows.append(row)  # one at a time: an interrupted run keeps the rows so far
+        if cfg.overhead or cfg.startup:  # first: the quickest answer
+            for workers in cfg.workers:
+                startup.append(
+                    compare_startup(
+                        workers, cfg.startup_runs, scratch, find_mpiexec(), _env(scratch), _progress
+                    )
+                )
+        if not cfg.startup:
+            empty = make_inputs(scratch, EMPTY_BYTES)
+            for row in _all_rows(cfg, scratch, empty):
+                rows.append(row)  # one at a time: an interrupted run keeps the rows so far
     except KeyboardInterrupt:
-        write_results(_result(cfg, rows, started, interrupted=True), cfg.out)
+        write_results(_result(cfg, rows, started, startup, interrupted=True), cfg.out)
         raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    result = _result(cfg, rows, started)
+    result = _result(cfg, rows, started, startup)
     write_results(result, cfg.out)
-    print(report_text(rows))
+    print(report_text(rows, startup))
     for t in result.targets:
         print(f"target {'met ' if t.met else 'MISSED'}  {t.what}: {t.figure}")
-    if not result.targets:
-        print(_NONE_JUDGED_OVERHEAD if cfg.overhead else _NONE_JUDGED)
-    if cfg.overhead:
+    if cfg.overhead and not any(t.what.startswith("tiny tasks") for t in result.targets):
+        print(_NONE_JUDGED_OVERHEAD)
+    elif not result.targets and not cfg.startup:
+        print(_NONE_JUDGED)
+    if cfg.overhead or cfg.startup:
         print(f"written: {cfg.out / 'bench.json'}, {cfg.out / 'bench.txt'}")
         return result
     plot = write_plot(rows, cfg.out / "bench.png")

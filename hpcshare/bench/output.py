@@ -1,7 +1,9 @@
 """What ``hpcshare bench`` writes: bench.json, the table (bench.txt), the plot (bench.png).
 
-With ``--overhead``, bench.txt holds the overhead table and what TLS and
-handles cost (:func:`overhead_costs`); there is no plot.
+With ``--overhead``, bench.txt holds the start-up table (against plain
+dask-mpi, :mod:`.startup`), the overhead table and what TLS and handles
+cost (:func:`overhead_costs`); there is no plot. ``--startup``: the
+start-up table alone.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 from dask.utils import format_bytes
 
 from .rows import BenchRow, need
+from .startup import Startup, format_startup
 from .targets import Target, find
 
 __all__ = [
@@ -115,6 +118,7 @@ class BenchResult:
     checksums_agree: bool
     targets: list[Target]
     interrupted: bool = False
+    startup: list[Startup] = dataclasses.field(default_factory=list)  #: start-up against plain dask-mpi
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -128,6 +132,7 @@ class BenchResult:
             "checksums_agree": self.checksums_agree,
             "targets": [dataclasses.asdict(t) for t in self.targets],
             "costs": [c.to_json() for c in overhead_costs(self.rows)],
+            "startup": [c.to_json() for c in self.startup],
             "interrupted": self.interrupted,
         }
 
@@ -135,14 +140,16 @@ class BenchResult:
 def write_results(result: BenchResult, out: Path) -> None:
     """bench.json and bench.txt in ``out`` (local)."""
     (out / "bench.json").write_text(json.dumps(result.to_json(), indent=1, default=str))
-    (out / "bench.txt").write_text(report_text(result.rows) + "\n")
+    (out / "bench.txt").write_text(report_text(result.rows, result.startup) + "\n")
 
 
-def report_text(rows: Sequence[BenchRow]) -> str:
-    """bench.txt: the contenders' table, and the overhead table with the costs, for the rows there are."""
+def report_text(rows: Sequence[BenchRow], startup: Sequence[Startup] = ()) -> str:
+    """bench.txt: the start-up table, the contenders' table, and the overhead table with the costs,
+    for what there is."""
     memory = [r for r in rows if r.contender != TINY]
     tiny = [r for r in rows if r.contender == TINY]
-    parts = [format_table(memory)] if memory or not tiny else []
+    parts = [format_startup(list(startup))] if startup else []
+    parts += [format_table(memory)] if memory or not (tiny or startup) else []
     if tiny:
         parts += [format_overhead_table(tiny), "\n".join(str(c) for c in overhead_costs(tiny))]
     return "\n\n".join(p for p in parts if p)
