@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from . import __version__
-from .bench.names import ALL_CONTENDERS, TINY_TASKS
+from .bench.names import ALL_CONTENDERS, CLUSTERS, LOCAL_CONTENDERS, TINY_TASKS
 from .config import positive_int, size_in_bytes
 from .demo import DEFAULT_SIZE, DEFAULT_TASKS
 from .errors import ConfigError
@@ -190,8 +190,9 @@ def _parser() -> argparse.ArgumentParser:
             "each measured from outside (node memory as the sum of PSS over its processes, "
             "sampled: the peak, and the peak while the tasks ran; time to ready; task phase; "
             "bytes moved). With --overhead, instead: the job's own costs, with TLS and without, "
-            "at start-up and per tiny task, with an input handle and without. Run it directly, not "
-            "under mpiexec: it starts mpiexec itself."
+            "at start-up and per tiny task, with an input handle and without. With --cluster local, "
+            "instead: the seed pattern on a Dask LocalCluster that hpcshare did not start. Run it "
+            "directly, not under mpiexec: it starts mpiexec itself."
         ),
     )
     bench.set_defaults(subparser=bench)
@@ -203,13 +204,14 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--contenders",
         metavar="NAME[,NAME...]",
-        help=f"which to run (default: all of {','.join(ALL_CONTENDERS)})",
+        help=f"which to run (default: all of {','.join(ALL_CONTENDERS)}; with --cluster local, all of "
+        f"{','.join(LOCAL_CONTENDERS)})",
     )
     bench.add_argument(
         "--workloads",
         metavar="NAME[,NAME]",
         help="array (every contender) and/or frame (a DataFrame groupby: hpcshare-put, scatter, "
-        "ray-put); default array,frame",
+        "ray-put; with --cluster local, every contender); default array,frame",
     )
     bench.add_argument(
         "--nodes",
@@ -228,6 +230,16 @@ def _parser() -> argparse.ArgumentParser:
         type=_positive,
         metavar="N",
         help=f"--overhead: tiny tasks of each kind, with TLS and without (default {TINY_TASKS})",
+    )
+    bench.add_argument(
+        "--cluster",
+        choices=CLUSTERS,
+        help="instead of the launcher's contenders: the seed pattern on a Dask cluster hpcshare did not "
+        "start. local: Client(n_workers=W, threads_per_worker=1), a LocalCluster of worker processes under "
+        "nannies, with hpcshare.submit(client, create_data) (local-hpcshare), client.submit(create_data) "
+        "(local-submit), client.scatter(data, broadcast=True) (local-scatter), and Ray's ray.put with W Ray "
+        "workers (ray); node memory while tasks run and its peak, time to ready against one copy into "
+        "fresh shared memory (shm-copy); takes --sizes, --workers, --tasks, --contenders, --workloads",
     )
     bench.add_argument(
         "--placement",
@@ -426,6 +438,11 @@ def _bench(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         )
     if ns.tiny_tasks is not None and not ns.overhead:
         parser.error("--tiny-tasks goes with --overhead")
+    if ns.cluster and (ns.overhead or ns.nodes is not None):
+        parser.error(
+            f"--{'overhead' if ns.overhead else 'nodes'}: not for --cluster {ns.cluster} (a LocalCluster "
+            "runs on this machine; it takes --sizes, --workers, --tasks, --contenders, --workloads)"
+        )
     try:
         cfg = config_from_args(
             ns.sizes,
@@ -438,6 +455,7 @@ def _bench(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             ns.nodes,
             overhead=ns.overhead,
             tiny_tasks=ns.tiny_tasks,
+            cluster=ns.cluster,
         )
     except ConfigError as exc:
         parser.error(str(exc))
@@ -466,7 +484,7 @@ def _bench_placement(ns: argparse.Namespace, parser: argparse.ArgumentParser) ->
 
     others = [
         f"--{k.replace('_', '-')}"
-        for k in ("workers", "tasks", "contenders", "workloads", "overhead", "tiny_tasks")
+        for k in ("workers", "tasks", "contenders", "workloads", "overhead", "tiny_tasks", "cluster")
         if getattr(ns, k) not in (None, False)
     ]
     if others:

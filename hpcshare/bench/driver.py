@@ -32,7 +32,7 @@ from dask.utils import format_bytes, parse_bytes
 
 from .. import shm
 from ..errors import ConfigError
-from .names import ALL_CONTENDERS, TINY_TASKS
+from .names import ALL_CONTENDERS, CLUSTERS, LOCAL_CONTENDERS, TINY_TASKS
 from .output import BASELINES, BenchResult, line, report_text, write_plot, write_results
 from .overhead import JOB_ORDER, combine, shares
 from .rows import BenchRow
@@ -88,6 +88,7 @@ class BenchConfig:
     timeout: float = 1800.0  #: seconds one contender run may take
     overhead: bool = False  #: run the job's own costs (hpcshare-tiny) instead of the contenders
     tiny_tasks: int = TINY_TASKS  #: --overhead: tiny tasks of each kind, with TLS and without
+    cluster: str | None = None  #: "local": the seed pattern on a LocalCluster (:mod:`.local`)
 
 
 def parse_list(text: str, convert: Callable[[str], T]) -> tuple[T, ...]:
@@ -105,16 +106,21 @@ def config_from_args(
     nodes: str | None = None,
     overhead: bool = False,
     tiny_tasks: int | None = None,
+    cluster: str | None = None,
 ) -> BenchConfig:
     """Validate ``hpcshare bench`` arguments (local); one given as None takes its default.
 
     With ``overhead`` the workers default to :data:`OVERHEAD_WORKERS` and only
-    ``workers`` and ``tiny_tasks`` are used.
+    ``workers`` and ``tiny_tasks`` are used. With ``cluster`` ("local") the
+    contenders are :data:`.names.LOCAL_CONTENDERS` and ``nodes`` is not used.
     """
+    if cluster is not None and cluster not in CLUSTERS:
+        raise ConfigError(f"--cluster takes {' or '.join(CLUSTERS)}, got {cluster!r}")
     sizes, tasks = sizes or DEFAULT_SIZES, tasks or DEFAULT_TASKS
     workers = workers or (OVERHEAD_WORKERS if overhead else DEFAULT_WORKERS)
-    contenders = contenders or ",".join(ALL_CONTENDERS)
-    workloads, nodes = workloads or DEFAULT_WORKLOADS, nodes or DEFAULT_NODES
+    known = LOCAL_CONTENDERS if cluster else ALL_CONTENDERS
+    contenders = contenders or ",".join(known)
+    workloads, nodes = workloads or DEFAULT_WORKLOADS, nodes or ("1" if cluster else DEFAULT_NODES)
     try:
         size_list = parse_list(sizes, lambda t: int(parse_bytes(t)))
     except ValueError as exc:
@@ -124,11 +130,10 @@ def config_from_args(
     except ValueError:
         raise ConfigError(f"--workers takes whole numbers like 1,2,4, got {workers!r}") from None
     names = parse_list(contenders, str)
-    unknown = sorted(set(names) - set(ALL_CONTENDERS))
+    unknown = sorted(set(names) - set(known))
     if unknown:
-        raise ConfigError(
-            f"unknown contender(s) {', '.join(unknown)}; choose from {', '.join(ALL_CONTENDERS)}"
-        )
+        mode = f" with --cluster {cluster}" if cluster else ""
+        raise ConfigError(f"unknown contender(s){mode} {', '.join(unknown)}; choose from {', '.join(known)}")
     if not size_list or min(size_list) < 8 or not worker_list or min(worker_list) < 1 or tasks < 1:
         raise ConfigError("--sizes, --workers and --tasks must be positive")
     kinds = parse_list(workloads, str)
@@ -159,6 +164,7 @@ def config_from_args(
         node_list,
         overhead=overhead,
         tiny_tasks=tiny_tasks or TINY_TASKS,
+        cluster=cluster,
     )
 
 
@@ -213,6 +219,11 @@ def memory_needed(contender: str, nbytes: int, workers: int, nodes: int = 1) -> 
         "hpcshare-h5": nbytes + procs,
         "hpcshare-empty": procs,
         "hpcshare-tiny": procs,
+        # the maker's private object and its group's file; the seed pattern and scatter as under mpiexec
+        "local-hpcshare": 2 * nbytes + procs,
+        "local-empty": procs,
+        "local-submit": nbytes * (workers + 3) + procs,
+        "local-scatter": nbytes * (workers + 3) + procs,
         # the maker's private object, then one node file per emulated node
         "hpcshare-put": nbytes * (1 + nodes) + procs,
         # measured here at W = 1: 3 S (the client's copy and two serialization buffers,
@@ -350,6 +361,8 @@ class _Run:
 
 def _plan(cfg: BenchConfig, nbytes: int, npy: Path, h5: Path, empty: tuple[Path, Path]) -> list[_Run]:
     """The runs at one input size, in order: the baselines, then each worker count's contenders."""
+    if cfg.cluster:
+        return _local_plan(cfg, nbytes, npy, h5, empty)
     runs = [_Run(base, npy, h5, nbytes, 1) for base in BASELINES if base != "mpi-transfer"]
     if max(cfg.nodes) > 1 and any(c in NODES_CONTENDERS for c in cfg.contenders):
         runs.append(_Run("mpi-transfer", npy, h5, nbytes, 1))
@@ -364,6 +377,18 @@ def _plan(cfg: BenchConfig, nbytes: int, npy: Path, h5: Path, empty: tuple[Path,
                     continue
                 for nodes in cfg.nodes if contender in NODES_CONTENDERS else (1,):
                     runs.append(_Run(contender, npy, h5, nbytes, workers, workload, nodes))
+    return runs
+
+
+def _local_plan(cfg: BenchConfig, nbytes: int, npy: Path, h5: Path, empty: tuple[Path, Path]) -> list[_Run]:
+    """``--cluster local``'s runs at one size: the copy baseline, then at each W the empty cluster
+    (once per W and workload) and the contenders, workload by workload."""
+    runs = [_Run("shm-copy", npy, h5, nbytes, 1)]
+    for workers in cfg.workers:
+        for workload in cfg.workloads:
+            if nbytes == cfg.sizes[0] and "local-hpcshare" in cfg.contenders:
+                runs.append(_Run("local-empty", *empty, EMPTY_BYTES, workers, workload))
+            runs += [_Run(c, npy, h5, nbytes, workers, workload) for c in cfg.contenders]
     return runs
 
 
@@ -440,6 +465,8 @@ def _result(cfg: BenchConfig, rows: list[BenchRow], started: float, interrupted:
         "workloads": cfg.workloads,
         "nodes": cfg.nodes,
     }
+    if cfg.cluster:
+        config = {**config, "cluster": cfg.cluster}
     if cfg.overhead:
         config = {"overhead": True, "workers": cfg.workers, "tiny_tasks": cfg.tiny_tasks, "jobs": JOB_ORDER}
     return BenchResult(
