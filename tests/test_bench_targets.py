@@ -150,7 +150,8 @@ def test_combine_adds_up_the_jobs_of_one_setting():
 
 def test_the_local_cluster_is_judged_against_its_empty_cluster_the_seed_pattern_ray_and_one_copy():
     rows = [
-        row("shm-copy", workers=1, ready=1.0),
+        row("shm-copy", workers=1, ready=0.5),  # another W's: measured at another time
+        row("shm-copy", ready=1.0),
         row("local-empty", size=MiB, node_memory=500 * MiB, steady_memory=490 * MiB),
         # peak 2.5 GiB (the maker's private copy), 1.5 GiB once the tasks run
         row("local-hpcshare", node_memory=int(2.5 * GiB), steady_memory=int(1.5 * GiB), ready=1.2),

@@ -381,13 +381,19 @@ def _plan(cfg: BenchConfig, nbytes: int, npy: Path, h5: Path, empty: tuple[Path,
 
 
 def _local_plan(cfg: BenchConfig, nbytes: int, npy: Path, h5: Path, empty: tuple[Path, Path]) -> list[_Run]:
-    """``--cluster local``'s runs at one size: the copy baseline, then at each W the empty cluster
-    (once per W and workload) and the contenders, workload by workload."""
-    runs = [_Run("shm-copy", npy, h5, nbytes, 1)]
+    """``--cluster local``'s runs at one size: at each W and workload the empty cluster (at the first
+    size), the copy baseline and the contenders.
+
+    The baseline runs just before the contenders it is the yardstick of: on
+    a machine shared with other work, a copy measured minutes earlier may
+    have had another load.
+    """
+    runs = []
     for workers in cfg.workers:
         for workload in cfg.workloads:
             if nbytes == cfg.sizes[0] and "local-hpcshare" in cfg.contenders:
                 runs.append(_Run("local-empty", *empty, EMPTY_BYTES, workers, workload))
+            runs.append(_Run("shm-copy", npy, h5, nbytes, workers, workload))
             runs += [_Run(c, npy, h5, nbytes, workers, workload) for c in cfg.contenders]
     return runs
 

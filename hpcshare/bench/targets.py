@@ -235,7 +235,7 @@ def _local(rows: Sequence[BenchRow], r: BenchRow, tag: str) -> Iterator[Target]:
     yield from _ready_ratio(
         f"hpcshare time to ready <= 1.3x one copy into fresh shared memory, {tag}",
         r,
-        find(rows, "shm-copy", r.size),
+        find(rows, "shm-copy", r.size, r.workers, r.workload),  # the copy measured just before
         1.3,
     )
 
