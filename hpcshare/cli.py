@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from . import __version__
-from .bench.names import ALL_CONTENDERS, TINY_TASKS
+from .bench.names import ALL_CONTENDERS, CLUSTERS, LOCAL_CONTENDERS, TINY_TASKS
 from .config import positive_int, size_in_bytes
 from .demo import DEFAULT_SIZE, DEFAULT_TASKS
 from .errors import ConfigError
@@ -191,8 +191,9 @@ def _parser() -> argparse.ArgumentParser:
             "sampled: the peak, and the peak while the tasks ran; time to ready; task phase; "
             "bytes moved). With --overhead, instead: start-up against plain dask-mpi (as with "
             "--startup), then the job's own costs, with TLS and without, "
-            "at start-up and per tiny task, with an input handle and without. Run it directly, not "
-            "under mpiexec: it starts mpiexec itself."
+            "at start-up and per tiny task, with an input handle and without. With --cluster local, "
+            "instead: the seed pattern on a Dask LocalCluster that hpcshare did not start. Run it "
+            "directly, not under mpiexec: it starts mpiexec itself."
         ),
     )
     bench.set_defaults(subparser=bench)
@@ -204,13 +205,14 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--contenders",
         metavar="NAME[,NAME...]",
-        help=f"which to run (default: all of {','.join(ALL_CONTENDERS)})",
+        help=f"which to run (default: all of {','.join(ALL_CONTENDERS)}; with --cluster local, all of "
+        f"{','.join(LOCAL_CONTENDERS)})",
     )
     bench.add_argument(
         "--workloads",
         metavar="NAME[,NAME]",
         help="array (every contender) and/or frame (a DataFrame groupby: hpcshare-put, scatter, "
-        "ray-put); default array,frame",
+        "ray-put; with --cluster local, every contender); default array,frame",
     )
     bench.add_argument(
         "--nodes",
@@ -243,6 +245,16 @@ def _parser() -> argparse.ArgumentParser:
         type=_positive,
         metavar="N",
         help="--overhead, --startup: start-up runs of each setting (default 5)",
+    )
+    bench.add_argument(
+        "--cluster",
+        choices=CLUSTERS,
+        help="instead of the launcher's contenders: the seed pattern on a Dask cluster hpcshare did not "
+        "start. local: Client(n_workers=W, threads_per_worker=1), a LocalCluster of worker processes under "
+        "nannies, with hpcshare.submit(client, create_data) (local-hpcshare), client.submit(create_data) "
+        "(local-submit), client.scatter(data, broadcast=True) (local-scatter), and Ray's ray.put with W Ray "
+        "workers (ray); node memory while tasks run and its peak, time to ready against one copy into "
+        "fresh shared memory (shm-copy); takes --sizes, --workers, --tasks, --contenders, --workloads",
     )
     bench.add_argument(
         "--placement",
@@ -421,6 +433,31 @@ def _failed(code: int = 1) -> int:
     return code
 
 
+def _bench_mode_error(ns: argparse.Namespace) -> str | None:
+    """What is wrong with the mix of ``hpcshare bench`` modes and options given, if anything (local)."""
+    contenders_only = [
+        f"--{k}" for k in ("sizes", "tasks", "contenders", "workloads", "nodes") if getattr(ns, k) is not None
+    ]
+    if ns.overhead and ns.startup:
+        return "--overhead already runs the start-up comparison; --startup runs it alone"
+    if (ns.overhead or ns.startup) and contenders_only:
+        return (
+            f"{', '.join(contenders_only)}: for the contenders, not --overhead or --startup (their jobs "
+            "run tiny tasks on a 1 MiB input or an empty main; --workers, --tiny-tasks and "
+            "--startup-runs set them)"
+        )
+    if ns.tiny_tasks is not None and not ns.overhead:
+        return "--tiny-tasks goes with --overhead"
+    if ns.startup_runs is not None and not (ns.overhead or ns.startup):
+        return "--startup-runs goes with --overhead or --startup"
+    if ns.cluster and (ns.overhead or ns.startup or ns.nodes is not None):
+        return (
+            f"--{'overhead' if ns.overhead else 'startup' if ns.startup else 'nodes'}: not for --cluster {ns.cluster} (a LocalCluster "
+            "runs on this machine; it takes --sizes, --workers, --tasks, --contenders, --workloads)"
+        )
+    return None
+
+
 def _bench(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .bench import config_from_args, run_bench
     from .errors import ConfigError
@@ -435,21 +472,9 @@ def _bench(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     if ns.placement:
         return _bench_placement(ns, parser)
-    contenders_only = [
-        f"--{k}" for k in ("sizes", "tasks", "contenders", "workloads", "nodes") if getattr(ns, k) is not None
-    ]
-    if ns.overhead and ns.startup:
-        parser.error("--overhead already runs the start-up comparison; --startup runs it alone")
-    if (ns.overhead or ns.startup) and contenders_only:
-        parser.error(
-            f"{', '.join(contenders_only)}: for the contenders, not --overhead or --startup (their jobs "
-            "run tiny tasks on a 1 MiB input or an empty main; --workers, --tiny-tasks and "
-            "--startup-runs set them)"
-        )
-    if ns.tiny_tasks is not None and not ns.overhead:
-        parser.error("--tiny-tasks goes with --overhead")
-    if ns.startup_runs is not None and not (ns.overhead or ns.startup):
-        parser.error("--startup-runs goes with --overhead or --startup")
+    wrong = _bench_mode_error(ns)
+    if wrong:
+        parser.error(wrong)
     try:
         cfg = config_from_args(
             ns.sizes,
@@ -464,6 +489,7 @@ def _bench(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             tiny_tasks=ns.tiny_tasks,
             startup=ns.startup,
             startup_runs=ns.startup_runs,
+            cluster=ns.cluster,
         )
     except ConfigError as exc:
         parser.error(str(exc))
@@ -501,6 +527,7 @@ def _bench_placement(ns: argparse.Namespace, parser: argparse.ArgumentParser) ->
             "tiny_tasks",
             "startup",
             "startup_runs",
+            "cluster",
         )
         if getattr(ns, k) not in (None, False)
     ]

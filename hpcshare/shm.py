@@ -9,7 +9,7 @@ those files lives here:
   ``/proc/PID/maps``);
 - :func:`unlink_mapped`: unlink this process's named files before an abort;
 - :func:`names`, :func:`orphaned_names`, :func:`sweep_orphans`: files that
-  appeared and that no live process maps any more;
+  appeared and that no live process maps or holds open any more;
 - :func:`free_space`, :func:`check_capacity`: room before allocating;
 - :class:`Watcher`: one process per host that unlinks the job's files once
   every rank on that host is gone, however the ranks ended. It learns the
@@ -115,12 +115,34 @@ def names(shm_dir: str = SHM_DIR) -> set[str]:
         return set()
 
 
-def _names_mapped_by_anyone(shm_dir: str) -> set[str]:
-    """Names of the files in ``shm_dir`` that some live process maps (local)."""
+def _open_files(shm_dir: str, pid: str) -> set[str]:
+    """Names of the files in ``shm_dir`` that process ``pid`` holds open (empty if it cannot be read)."""
+    prefix, found = shm_dir.rstrip("/") + "/", set[str]()
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return found
+    for fd in fds:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(prefix) and "/" not in target[len(prefix) :]:
+            found.add(target[len(prefix) :])
+    return found
+
+
+def _names_in_use(shm_dir: str) -> set[str]:
+    """Names of the files in ``shm_dir`` that some live process maps or holds open (local).
+
+    Open counts too: a Dask cluster's group marker (:mod:`hpcshare.anywhere.groups`)
+    is held open with a lock, never mapped, for as long as its cluster lives.
+    """
     found: set[str] = set()
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             found.update(os.path.basename(p) for p in mapped_shm_files(shm_dir, entry))
+            found.update(_open_files(shm_dir, entry))
     return found
 
 
@@ -133,11 +155,12 @@ def _mine(path: str) -> bool:
 
 
 def orphaned_names(before: Iterable[str], shm_dir: str = SHM_DIR) -> set[str]:
-    """This user's files in ``shm_dir`` that are not in ``before`` and that no live process maps (local).
+    """This user's files in ``shm_dir`` that are not in ``before`` and that no live process maps or
+    holds open (local).
 
     Other users' files are theirs to answer for, also when this runs as root.
     """
-    new = names(shm_dir) - set(before) - _names_mapped_by_anyone(shm_dir)
+    new = names(shm_dir) - set(before) - _names_in_use(shm_dir)
     return {n for n in new if _mine(os.path.join(shm_dir, n))}
 
 

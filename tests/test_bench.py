@@ -138,6 +138,37 @@ def test_memmap_maps_the_file_in_every_task_and_agrees(tmp_path):
 
 
 @pytest.mark.usefixtures("clean_shm")
+def test_the_local_cluster_mode_runs_the_seed_pattern_on_a_local_cluster_and_agrees(tmp_path):
+    out, size = tmp_path / "out", 4 * 2**20
+    cmd = [sys.executable, "-m", "hpcshare", "bench", "--cluster", "local", "--workloads", "array"]
+    cmd += ["--contenders", "local-hpcshare,local-submit,local-scatter"]  # Ray's program: the test above
+    run = run_cmd([*cmd, "--sizes", "4MiB", "--workers", "2", "--tasks", "3", "--out", str(out)], timeout=300)
+    assert run.returncode == 0, run
+    result = json.loads((out / "bench.json").read_text())
+    assert result["config"]["cluster"] == "local"
+    rows = {BenchRow(**r).label: r for r in result["rows"]}
+    assert set(rows) == {"shm-copy", "local-empty", "local-hpcshare", "local-submit", "local-scatter"}
+    x, _ = make_inputs(tmp_path, size)
+    data = np.load(x)
+    expected = sum((i + 1) * float(np.dot(data, data)) for i in range(3))
+    for name in ("local-hpcshare", "local-submit", "local-scatter"):
+        r = rows[name]
+        assert r["status"] == "ok" and r["workers"] == 2 and r["size"] == size, r
+        assert r["checksum"] == pytest.approx(expected, rel=1e-12), r
+        assert r["node_memory"] > size and r["processes"] >= 3, r  # the program and 2 worker processes
+    hp = rows["local-hpcshare"]
+    assert hp["ready"] > 0 and 0 < hp["resolve_us_median"] <= hp["resolve_us_p99"], hp
+    assert hp["moved_bytes"] < 2**20, hp  # the workers pass handles, never the data
+    assert rows["local-scatter"]["moved_bytes"] >= size  # the second worker's copy, from the first
+    assert "ready" not in rows["local-submit"]  # the seed pattern's copies move while the tasks wait
+    assert rows["local-empty"]["size"] == 2**20 and rows["shm-copy"]["ready"] > 0
+    assert result["checksums_agree"] is True
+    assert "targets: none judged" in run.stdout  # stated for 1 GiB at W = 4
+    text = (out / "bench.txt").read_text()
+    assert all(name in text for name in rows)
+
+
+@pytest.mark.usefixtures("clean_shm")
 def test_overhead_measures_tls_and_handles_in_real_jobs(tmp_path):
     out = tmp_path / "out"
     cmd = [
@@ -250,6 +281,11 @@ def test_a_contender_that_would_not_fit_is_skipped_with_its_figure(tmp_path):
         ["--placement", "--tasks", "3"],  # placement alone runs no tasks
         ["--placement", "--sizes", "1MiB,2MiB"],  # one size
         ["--placement", "--nodes", "0"],
+        ["--cluster", "k8s"],
+        ["--cluster", "local", "--contenders", "fork"],  # a launcher contender
+        ["--cluster", "local", "--nodes", "2"],  # a LocalCluster is on this machine
+        ["--cluster", "local", "--overhead"],
+        ["--cluster", "local", "--placement"],
     ],
 )
 def test_bad_bench_arguments_are_refused(args):

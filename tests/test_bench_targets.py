@@ -146,3 +146,32 @@ def test_combine_adds_up_the_jobs_of_one_setting():
     failed = combine([jobs[0], jobs[1].ended("failed", "exit code 1"), jobs[2]])
     assert (failed.status, failed.note, failed.tasks) == ("failed", "exit code 1", 3000)
     assert expected_checksum(2000) == 4 * 500**2  # each setting's 2,000 tasks over 4 jobs of 500
+
+
+def test_the_local_cluster_is_judged_against_its_empty_cluster_the_seed_pattern_ray_and_one_copy():
+    rows = [
+        row("shm-copy", workers=1, ready=0.5),  # another W's: measured at another time
+        row("shm-copy", ready=1.0),
+        row("local-empty", size=MiB, node_memory=500 * MiB, steady_memory=490 * MiB),
+        # peak 2.5 GiB (the maker's private copy), 1.5 GiB once the tasks run
+        row("local-hpcshare", node_memory=int(2.5 * GiB), steady_memory=int(1.5 * GiB), ready=1.2),
+        row("local-submit", node_memory=6 * GiB, steady_memory=5 * GiB),
+        row("local-scatter", node_memory=7 * GiB, steady_memory=6 * GiB, ready=9.0),
+        row("ray", node_memory=int(2.4 * GiB), steady_memory=int(1.4 * GiB), ready=0.8),
+        # other workloads and worker counts are judged on their own rows, or not at all
+        row("local-hpcshare", workers=2, node_memory=9 * GiB, steady_memory=9 * GiB, ready=9.0),
+    ]
+    v = verdicts(rows)
+    tag = "S=1.00 GiB, W=4, array, LocalCluster"
+    assert len(v) == 4
+    # 1.5 GiB <= 1.15 x (1 GiB + 500 MiB) = 1.71 GiB
+    assert v[f"hpcshare node memory while tasks run <= 1.15 x (S + empty cluster), {tag}"][0] is True
+    assert v[f"client.submit uses >= 3.5x hpcshare's node memory while tasks run, {tag}"] == (
+        False,
+        "5.00 GiB vs 1.50 GiB (3.33x)",
+    )
+    assert v[f"hpcshare peak node memory <= Ray's (ray.put), {tag}"] == (False, "2.50 GiB vs 2.40 GiB")
+    assert v[f"hpcshare time to ready <= 1.3x one copy into fresh shared memory, {tag}"] == (
+        True,
+        "1.200 s vs 1.000 s (1.20x)",
+    )

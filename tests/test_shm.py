@@ -61,3 +61,16 @@ def test_orphans_are_files_that_appeared_and_that_nobody_maps(tmp_path):
     assert shm.orphaned_names(before, str(tmp_path)) == {"left"}
     assert shm.sweep_orphans(before, str(tmp_path)) == ["left"]
     assert shm.names(str(tmp_path)) == set()
+
+
+def test_a_file_a_live_process_holds_open_is_no_orphan(tmp_path):
+    """A Dask cluster's group marker is held open with a lock, never mapped, while the cluster lives."""
+    before = shm.names(str(tmp_path))
+    (tmp_path / "marker").write_bytes(b"x")
+    fd = os.open(tmp_path / "marker", os.O_RDONLY)
+    try:
+        assert shm.orphaned_names(before, str(tmp_path)) == set()
+        assert shm.sweep_orphans(before, str(tmp_path)) == []
+    finally:
+        os.close(fd)
+    assert shm.sweep_orphans(before, str(tmp_path)) == ["marker"]

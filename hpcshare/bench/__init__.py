@@ -7,6 +7,8 @@
   tasks, with TLS and without, with an input handle and without;
 - :mod:`.placing`: ``--placement``, placement alone on 1 to 4 emulated nodes,
   collective against per-node reading (and its program under mpiexec);
+- :mod:`.local`: ``--cluster local``, the seed pattern on a LocalCluster
+  hpcshare did not start (its contender programs);
 - :mod:`.scaling`: the placement cost model of docs/scaling.md, and its fit
   to the emulated sweep;
 - :mod:`.sampling`: node memory of a run's process tree, measured from outside;

@@ -5,8 +5,9 @@
 
 MPI contenders (hpcshare, hpcshare-h5, hpcshare-put, scatter, submit,
 memmap, memmap-cold, unidist-put, hpcshare-tiny, the mpi-transfer baseline) run under ``mpiexec
--n W+2``; the others (fork, ray, ray-put, the other baselines) run as one
-process that starts its own workers. Each writes its figures as JSON to
+-n W+2``; the others (fork, ray, ray-put, the other baselines, and
+:mod:`.local`'s ``local-*`` on a LocalCluster) run as one process that
+starts its own workers. Each writes its figures as JSON to
 ``--out``. :mod:`.workloads` holds the workloads; :mod:`.putting` the
 contenders that make their object at run time (the ``-put`` ones);
 :mod:`.overhead` the job's own costs (hpcshare-tiny, ``--overhead``).
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
     from ..placement import PlacementStats
 
 from . import overhead, putting
+from .local import LOCAL_PROGRAMS
 from .workloads import (
     WORKLOADS,
     hpcshare_task,
@@ -201,10 +203,15 @@ def run_fork(args: argparse.Namespace) -> None:
 
 
 def run_ray(args: argparse.Namespace) -> None:
-    """Ray: the input loaded in the driver, ray.put once; the driver's copy dropped before the tasks."""
-    held = [load(args.npy)]
+    """Ray: the workload's object made in the driver, ray.put once; the driver's copy dropped before the tasks.
+
+    The object is made once Ray runs, as Dask's contenders make theirs once
+    the cluster runs: the peak counts Ray's processes beside ``create_data``'s
+    temporaries.
+    """
 
     def share(ray: Any) -> tuple[Any, float]:
+        held = [make(args.workload, args.npy)]
         t = time.perf_counter()
         ref = ray.put(held.pop())
         return ref, time.perf_counter() - t
@@ -263,6 +270,7 @@ CONTENDERS = {
     "h5-read-direct": run_h5_read_direct,
     "mpi-transfer": putting.run_mpi_transfer,
     "hpcshare-tiny": overhead.run_tiny,
+    **LOCAL_PROGRAMS,
 }
 
 

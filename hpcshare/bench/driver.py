@@ -33,7 +33,7 @@ from dask.utils import format_bytes, parse_bytes
 
 from .. import shm
 from ..errors import ConfigError
-from .names import ALL_CONTENDERS, TINY_TASKS
+from .names import ALL_CONTENDERS, CLUSTERS, LOCAL_CONTENDERS, TINY_TASKS
 from .output import BASELINES, BenchResult, line, report_text, write_plot, write_results
 from .overhead import JOB_ORDER, combine, shares
 from .rows import BenchRow
@@ -92,10 +92,22 @@ class BenchConfig:
     tiny_tasks: int = TINY_TASKS  #: --overhead: tiny tasks of each kind, with TLS and without
     startup: bool = False  #: run only the start-up comparison with plain dask-mpi (``--startup``)
     startup_runs: int = STARTUP_RUNS  #: --overhead, --startup: start-up runs of each setting
+    cluster: str | None = None  #: "local": the seed pattern on a LocalCluster (:mod:`.local`)
 
 
 def parse_list(text: str, convert: Callable[[str], T]) -> tuple[T, ...]:
     return tuple(convert(t.strip()) for t in text.split(",") if t.strip())
+
+
+def _check_runs(tiny_tasks: int | None, startup_runs: int | None) -> None:
+    """Raise ConfigError for too few tiny tasks or start-up runs (local)."""
+    if tiny_tasks is not None and tiny_tasks < MIN_TINY_TASKS:
+        raise ConfigError(
+            f"--tiny-tasks must be at least {MIN_TINY_TASKS} (each setting's tasks are split over "
+            f"{JOB_ORDER.count(True)} jobs), got {tiny_tasks}"
+        )
+    if startup_runs is not None and startup_runs < 1:
+        raise ConfigError(f"--startup-runs must be at least 1, got {startup_runs}")
 
 
 def config_from_args(
@@ -111,19 +123,24 @@ def config_from_args(
     tiny_tasks: int | None = None,
     startup: bool = False,
     startup_runs: int | None = None,
+    cluster: str | None = None,
 ) -> BenchConfig:
     """Validate ``hpcshare bench`` arguments (local); one given as None takes its default.
 
     With ``overhead`` (or ``startup``) the workers default to
     :data:`OVERHEAD_WORKERS` and only ``workers``, ``tiny_tasks`` and
-    ``startup_runs`` are used.
+    ``startup_runs`` are used. With ``cluster`` ("local") the contenders are
+    :data:`.names.LOCAL_CONTENDERS` and ``nodes`` is not used.
     """
+    if cluster is not None and cluster not in CLUSTERS:
+        raise ConfigError(f"--cluster takes {' or '.join(CLUSTERS)}, got {cluster!r}")
     sizes, tasks = sizes or DEFAULT_SIZES, tasks or DEFAULT_TASKS
     workers = workers or (OVERHEAD_WORKERS if overhead or startup else DEFAULT_WORKERS)
-    contenders = contenders or ",".join(ALL_CONTENDERS)
+    known = LOCAL_CONTENDERS if cluster else ALL_CONTENDERS
+    contenders = contenders or ",".join(known)
     workloads, nodes = (
         workloads or DEFAULT_WORKLOADS,
-        nodes or ("1" if overhead or startup else DEFAULT_NODES),
+        nodes or ("1" if overhead or startup or cluster else DEFAULT_NODES),
     )
     try:
         size_list = parse_list(sizes, lambda t: int(parse_bytes(t)))
@@ -134,11 +151,10 @@ def config_from_args(
     except ValueError:
         raise ConfigError(f"--workers takes whole numbers like 1,2,4, got {workers!r}") from None
     names = parse_list(contenders, str)
-    unknown = sorted(set(names) - set(ALL_CONTENDERS))
+    unknown = sorted(set(names) - set(known))
     if unknown:
-        raise ConfigError(
-            f"unknown contender(s) {', '.join(unknown)}; choose from {', '.join(ALL_CONTENDERS)}"
-        )
+        mode = f" with --cluster {cluster}" if cluster else ""
+        raise ConfigError(f"unknown contender(s){mode} {', '.join(unknown)}; choose from {', '.join(known)}")
     if not size_list or min(size_list) < 8 or not worker_list or min(worker_list) < 1 or tasks < 1:
         raise ConfigError("--sizes, --workers and --tasks must be positive")
     kinds = parse_list(workloads, str)
@@ -153,13 +169,7 @@ def config_from_args(
             f"--nodes takes emulated node counts like 1,2, each at least 1 and at most the "
             f"smallest --workers ({min(worker_list)}: every node needs a worker), got {nodes!r}"
         )
-    if tiny_tasks is not None and tiny_tasks < MIN_TINY_TASKS:
-        raise ConfigError(
-            f"--tiny-tasks must be at least {MIN_TINY_TASKS} (each setting's tasks are split over "
-            f"{JOB_ORDER.count(True)} jobs), got {tiny_tasks}"
-        )
-    if startup_runs is not None and startup_runs < 1:
-        raise ConfigError(f"--startup-runs must be at least 1, got {startup_runs}")
+    _check_runs(tiny_tasks, startup_runs)
     return BenchConfig(
         size_list,
         worker_list,
@@ -173,6 +183,7 @@ def config_from_args(
         tiny_tasks=tiny_tasks or TINY_TASKS,
         startup=startup,
         startup_runs=startup_runs or STARTUP_RUNS,
+        cluster=cluster,
     )
 
 
@@ -227,6 +238,11 @@ def memory_needed(contender: str, nbytes: int, workers: int, nodes: int = 1) -> 
         "hpcshare-h5": nbytes + procs,
         "hpcshare-empty": procs,
         "hpcshare-tiny": procs,
+        # the maker's private object and its group's file; the seed pattern and scatter as under mpiexec
+        "local-hpcshare": 2 * nbytes + procs,
+        "local-empty": procs,
+        "local-submit": nbytes * (workers + 3) + procs,
+        "local-scatter": nbytes * (workers + 3) + procs,
         # the maker's private object, then one node file per emulated node
         "hpcshare-put": nbytes * (1 + nodes) + procs,
         # measured here at W = 1: 3 S (the client's copy and two serialization buffers,
@@ -369,6 +385,8 @@ class _Run:
 
 def _plan(cfg: BenchConfig, nbytes: int, npy: Path, h5: Path, empty: tuple[Path, Path]) -> list[_Run]:
     """The runs at one input size, in order: the baselines, then each worker count's contenders."""
+    if cfg.cluster:
+        return _local_plan(cfg, nbytes, npy, h5, empty)
     runs = [_Run(base, npy, h5, nbytes, 1) for base in BASELINES if base != "mpi-transfer"]
     if max(cfg.nodes) > 1 and any(c in NODES_CONTENDERS for c in cfg.contenders):
         runs.append(_Run("mpi-transfer", npy, h5, nbytes, 1))
@@ -383,6 +401,24 @@ def _plan(cfg: BenchConfig, nbytes: int, npy: Path, h5: Path, empty: tuple[Path,
                     continue
                 for nodes in cfg.nodes if contender in NODES_CONTENDERS else (1,):
                     runs.append(_Run(contender, npy, h5, nbytes, workers, workload, nodes))
+    return runs
+
+
+def _local_plan(cfg: BenchConfig, nbytes: int, npy: Path, h5: Path, empty: tuple[Path, Path]) -> list[_Run]:
+    """``--cluster local``'s runs at one size: at each W and workload the empty cluster (at the first
+    size), the copy baseline and the contenders.
+
+    The baseline runs just before the contenders it is the yardstick of: on
+    a machine shared with other work, a copy measured minutes earlier may
+    have had another load.
+    """
+    runs = []
+    for workers in cfg.workers:
+        for workload in cfg.workloads:
+            if nbytes == cfg.sizes[0] and "local-hpcshare" in cfg.contenders:
+                runs.append(_Run("local-empty", *empty, EMPTY_BYTES, workers, workload))
+            runs.append(_Run("shm-copy", npy, h5, nbytes, workers, workload))
+            runs += [_Run(c, npy, h5, nbytes, workers, workload) for c in cfg.contenders]
     return runs
 
 
@@ -465,6 +501,8 @@ def _result(
         "workloads": cfg.workloads,
         "nodes": cfg.nodes,
     }
+    if cfg.cluster:
+        config = {**config, "cluster": cfg.cluster}
     if cfg.overhead:
         config = {"overhead": True, "workers": cfg.workers, "tiny_tasks": cfg.tiny_tasks, "jobs": JOB_ORDER}
     if cfg.startup:

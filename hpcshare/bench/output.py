@@ -17,6 +17,7 @@ from typing import Any
 
 from dask.utils import format_bytes
 
+from .names import EMPTY
 from .rows import BenchRow, need
 from .startup import Startup, format_startup
 from .targets import Target, find
@@ -165,7 +166,8 @@ def line(row: BenchRow) -> str:
             f"{what}, {row.tasks} tasks: start-up {need(row.startup):.3f} s, "
             f"{need(row.tiny_none_per_s):.0f} tasks/s, with a handle {need(row.tiny_handle_per_s):.0f}"
         )
-    return f"{what}: node memory {format_bytes(row.node_memory or 0)}, ready {row.ready or 0:.3f} s"
+    ready = f"{row.ready:.3f} s" if row.ready is not None else "-"
+    return f"{what}: node memory {format_bytes(row.node_memory or 0)}, ready {ready}"
 
 
 def _cells(r: BenchRow) -> str:
@@ -244,9 +246,7 @@ def write_plot(rows: Sequence[BenchRow], path: Path) -> Path | None:
     except ImportError:
         return None
     ok = [  # one node's memory: runs on several emulated nodes hold a copy per node
-        r
-        for r in rows
-        if r.status == "ok" and r.contender not in (*BASELINES, "hpcshare-empty", TINY) and r.nodes == 1
+        r for r in rows if r.status == "ok" and r.contender not in (*BASELINES, *EMPTY, TINY) and r.nodes == 1
     ]
     if not ok:
         return None

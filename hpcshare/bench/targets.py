@@ -1,7 +1,7 @@
 """The project's benchmark targets, judged from a run's rows.
 
 The targets are stated for inputs of 1 GiB and more; the memory ones at
-W = 4 workers; ``--overhead``'s handle target for 100,000 tiny tasks and
+W = 4 workers (``--cluster local``'s all at W = 4); ``--overhead``'s handle target for 100,000 tiny tasks and
 more (docs/benchmarks.md says why each figure is what it is).
 """
 
@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 from dask.utils import format_bytes
 
+from .names import EMPTY
 from .rows import BenchRow, need
 
 __all__ = ["Target", "checksums_agree", "targets"]
@@ -34,7 +35,7 @@ def checksums_agree(rows: Sequence[BenchRow]) -> bool:
     """Whether every contender that ran produced the same checksum for the same size and task count."""
     runs: dict[tuple[str, int], list[float]] = {}
     for r in rows:
-        if r.status == "ok" and r.checksum is not None and r.contender != "hpcshare-empty":
+        if r.status == "ok" and r.checksum is not None and r.contender not in EMPTY:
             runs.setdefault((r.workload, r.size), []).append(r.checksum)
     return all(np.allclose(v, v[0], rtol=1e-12, atol=0) for v in runs.values())
 
@@ -66,6 +67,19 @@ def find(
 def _bytes_at_most(what: str, ours: float, limit: float) -> Target:
     """A memory target: ``ours`` at most ``limit`` bytes."""
     return Target(what, ours <= limit, f"{format_bytes(int(ours))} vs {format_bytes(int(limit))}")
+
+
+def _within_empty(rows: Sequence[BenchRow], r: BenchRow, empty: str, what: str) -> Iterator[Target]:
+    """``r``'s memory while tasks run at most 1.15 x (S + the peak of the ``empty`` run at its W and workload)."""
+    e = find(rows, empty, workers=r.workers, workload=r.workload)
+    if r.steady_memory is not None and e is not None:
+        yield _bytes_at_most(what, r.steady_memory, 1.15 * (r.size + need(e.node_memory)))
+
+
+def _times_below(what: str, theirs: int, ours: int) -> Target:
+    """A memory target: ``theirs`` at least 3.5 times ``ours``."""
+    ratio = theirs / ours
+    return Target(what, ratio >= 3.5, f"{format_bytes(theirs)} vs {format_bytes(ours)} ({ratio:.2f}x)")
 
 
 def _ready_ratio(what: str, ours: BenchRow | None, base: BenchRow | None, limit: float) -> Iterator[Target]:
@@ -146,21 +160,17 @@ def _put_memory(rows: Sequence[BenchRow], r: BenchRow, tag: str) -> Iterator[Tar
     if r.steady_memory is None:  # a task phase shorter than the sampling interval: nothing to judge
         return
     mem = r.steady_memory
-    empty = find(rows, "hpcshare-empty", workers=r.workers, workload=r.workload)
-    if empty:
-        limit = 1.15 * (r.size + need(empty.node_memory))
-        yield _bytes_at_most(
-            f"hpcshare-put node memory while tasks run <= 1.15 x (S + empty job), {tag}", mem, limit
-        )
+    yield from _within_empty(
+        rows,
+        r,
+        "hpcshare-empty",
+        f"hpcshare-put node memory while tasks run <= 1.15 x (S + empty job), {tag}",
+    )
     for other in ("submit", "scatter"):
         o = find(rows, other, r.size, r.workers, r.workload)
         if o and o.steady_memory:
-            ratio = o.steady_memory / mem
-            yield Target(
-                f"{other} uses >= 3.5x hpcshare-put's node memory while tasks run, {tag}",
-                ratio >= 3.5,
-                f"{format_bytes(o.steady_memory)} vs {format_bytes(int(mem))} ({ratio:.2f}x)",
-            )
+            what = f"{other} uses >= 3.5x hpcshare-put's node memory while tasks run, {tag}"
+            yield _times_below(what, o.steady_memory, mem)
     ray = find(rows, "ray-put", r.size, r.workers, r.workload)
     if ray and ray.steady_memory:
         yield _bytes_at_most(
@@ -205,6 +215,29 @@ def _put_costs(r: BenchRow, tag: str) -> Iterator[Target]:
             median <= 100,
             f"{median:.1f} us (p99 {need(r.resolve_us_p99):.1f} us)",
         )
+
+
+def _local(rows: Sequence[BenchRow], r: BenchRow, tag: str) -> Iterator[Target]:
+    """``--cluster local``: memory while tasks run against the empty cluster and the seed pattern,
+    the peak against Ray's, time to ready against one copy into fresh shared memory."""
+    mem = r.steady_memory
+    yield from _within_empty(
+        rows, r, "local-empty", f"hpcshare node memory while tasks run <= 1.15 x (S + empty cluster), {tag}"
+    )
+    submit = find(rows, "local-submit", r.size, r.workers, r.workload)
+    if mem is not None and submit is not None and submit.steady_memory is not None:
+        what = f"client.submit uses >= 3.5x hpcshare's node memory while tasks run, {tag}"
+        yield _times_below(what, submit.steady_memory, mem)
+    ray = find(rows, "ray", r.size, r.workers, r.workload)
+    if ray is not None:
+        ours, theirs = need(r.node_memory), need(ray.node_memory)
+        yield _bytes_at_most(f"hpcshare peak node memory <= Ray's (ray.put), {tag}", ours, theirs)
+    yield from _ready_ratio(
+        f"hpcshare time to ready <= 1.3x one copy into fresh shared memory, {tag}",
+        r,
+        find(rows, "shm-copy", r.size, r.workers, r.workload),  # the copy measured just before
+        1.3,
+    )
 
 
 def _flat_frame_resolve(rows: Sequence[BenchRow]) -> Iterator[Target]:
@@ -260,6 +293,8 @@ def targets(rows: Sequence[BenchRow]) -> list[Target]:
             if r.nodes == 1 and r.workers == MEMORY_WORKERS:
                 out += _put_memory(rows, r, tag)
             out += [*_put_ready(rows, r, tag), *_put_costs(r, tag)]
+        elif r.contender == "local-hpcshare" and r.workers == MEMORY_WORKERS:
+            out += _local(rows, r, f"{tag}, {r.workload}, LocalCluster")
     out += _flat_task_time(rows)
     out += _flat_frame_resolve(rows)
     return out
