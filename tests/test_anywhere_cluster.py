@@ -126,6 +126,31 @@ def test_a_put_from_the_client_resolves_zero_copy_and_read_only_in_tasks(client,
     hpcshare.free(handle)
 
 
+def _mappings_after_resolves(handle, resolves: int, _task: int) -> tuple[int, int, int]:
+    """In a task: resolve ``resolves`` times, holding every result; (mappings of the object's file in this
+    process, distinct addresses of column x among the results, pid)."""
+    held = [handle.resolve() for _ in range(resolves)]
+    addresses = {df["x"].to_numpy().ctypes.data for df in held}
+    path = os.path.join(SHM, f"{files.PREFIX}{files.cluster_of(handle.generation)}-{handle.name}")
+    with open("/proc/self/maps") as f:
+        mappings = sum(1 for line in f if line.split()[-1] == path)
+    return mappings, len(addresses), os.getpid()
+
+
+def test_a_worker_maps_and_decodes_a_frame_once_for_all_its_resolves(client):
+    """Every resolve in every task of a worker is a shallow copy of one decoded frame over one map
+    (no re-map, no re-decode per resolve or per task: the frame's tasks stay as fast as scatter's)."""
+    values = np.arange(100_000, dtype="f8")
+    handle = hpcshare.put(pd.DataFrame({"x": values, "k": values.astype("i8") % 7}))
+    for _ in range(2):  # a second batch of tasks finds the same map
+        seen = client.gather(
+            client.map(_mappings_after_resolves, [handle] * 6, [50] * 6, range(6), pure=False)
+        )
+        assert len({pid for *_, pid in seen}) == 2  # both workers ran tasks
+        assert {(mappings, addresses) for mappings, addresses, _ in seen} == {(1, 1)}
+    hpcshare.free(handle)
+
+
 def test_a_pandas_task_that_assigns_changes_only_its_own_copy(client):
     handle = hpcshare.put(pd.DataFrame({"x": np.zeros(10)}))
 
