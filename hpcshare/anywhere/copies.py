@@ -80,12 +80,20 @@ def write(member: Member, name: str, nbytes: int, fill: Callable[[memoryview], N
         os.close(fd)
 
 
-def map_copy(path: str) -> memoryview:
-    """A read-only view of our own object file at ``path`` (local; FileNotFoundError if gone)."""
+def map_copy(path: str, private: bool = False) -> memoryview:
+    """A read-only view of our own object file at ``path`` (local; FileNotFoundError if gone).
+
+    ``private=True``: a writable copy-on-write map instead (``MAP_PRIVATE``):
+    the pages written become this process's own; the file never changes.
+    """
     fd = files.open_own(path)
     try:
         size = os.fstat(fd).st_size
-        mm = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+        mm = (
+            mmap.mmap(fd, size, access=mmap.ACCESS_COPY)
+            if private
+            else mmap.mmap(fd, size, prot=mmap.PROT_READ)
+        )
     finally:
         os.close(fd)
     return memoryview(mm)
@@ -107,7 +115,13 @@ class Copies:
                 obj = self.objects.get(name)
                 if obj is None:
                     obj = self.objects[name] = load()
-        return obj.copy(deep=False) if kind == "pandas" else obj  # writes go to the task's own columns
+        if kind != "pandas":
+            return obj
+        if store.pandas_copies_on_write():
+            return obj.copy(deep=False)  # pandas copies a column before writing into it
+        # pandas 2 without copy-on-write writes into a shallow copy's columns: decode afresh over a
+        # private map, where a write changes only the pages it touches, in this object alone
+        return codec.decode(map_copy(self.member.path(name), private=True))
 
     def hold(self, name: str) -> None:
         """Map and decode ``name`` now, without touching its pages (a worker handler).

@@ -58,8 +58,7 @@ def resolve(handle: Handle, kind: str) -> Any:
     with groups.joined(where, cluster) as member:
         if member is not None:
             try:
-                obj = codec.decode(map_copy(member.path(handle.name)))
-                return obj.copy(deep=False) if kind == "pandas" else obj
+                return codec.decode(map_copy(member.path(handle.name), private=kind == "pandas"))
             except FileNotFoundError:
                 pass
     raise ResolveError(
