@@ -44,7 +44,17 @@ SETTLE = 0.2  # s after a host's last connection closed: an abort's "q" or "!" m
 GRACE = 1.0  # s to keep watching after rank 0 is gone (the launcher may kill it first)
 
 
-UNANSWERED = (errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN)
+UNANSWERED = (
+    errno.ETIMEDOUT,
+    errno.EHOSTUNREACH,
+    errno.ENETUNREACH,
+    errno.EHOSTDOWN,
+)  # the peer stopped answering
+# the protocol, here once (hpcshare.liveness imports it; hpcshare.supervise, a program of its own, repeats ABORTS)
+GOODBYE = b"."  # on a connection: the rank ends normally
+ABORTS = b"!"  # on a connection or into the FIFO: the job ends through hpcshare (an abort, a named death)
+QUIET = b"q"  # into the FIFO: a rank on rank 0's host ends through hpcshare
+LOST = b"L"  # to rank 0 (this program's stdout): a host is lost and named; end the job
 
 
 def _line(host: str, ranks: str, unanswered: float | None) -> bytes:
@@ -75,7 +85,7 @@ class Watch:
         self.hosts: dict[str, tuple[list[int], str]] = spec["hosts"]  # host -> its ranks, and their text
         self.conns = {fd: (rank, host) for fd, rank, host in spec["conns"]}  # the connections still open
         self.vanished: dict[str, set[int]] = {h: set() for h in self.hosts}
-        self.answered: set[str] = set()  # hosts with a rank that said goodbye or timed out
+        self.answered: set[str] = set()  # hosts with a rank that said goodbye
         self.fifo = os.open(spec["fifo"], os.O_RDONLY | os.O_NONBLOCK)
         self._keep = os.open(spec["fifo"], os.O_WRONLY | os.O_NONBLOCK)  # no EOF while no rank writes
         self.quiet = False
@@ -97,10 +107,10 @@ class Watch:
                 self.unanswered = True
                 return host
             data = b""  # reset: the rank's process is gone
-        if b"!" in data:
+        if ABORTS in data:
             self.quiet = True
             return None
-        if data and b"." not in data:
+        if data and GOODBYE not in data:
             return None
         del self.conns[fd]
         os.close(fd)
@@ -127,7 +137,7 @@ class Watch:
             if fd == self.fifo:
                 try:
                     said = os.read(fd, 64)
-                    if b"q" in said or b"!" in said:  # a rank, or its supervisor, ends the job
+                    if QUIET in said or ABORTS in said:  # a rank, or its supervisor, ends the job
                         self.quiet = True
                 except BlockingIOError:
                     pass
@@ -151,7 +161,7 @@ class Watch:
             if not self.quiet:
                 self._say(_line(lost, self.hosts[lost][1], self.timeout if self.unanswered else None))
                 try:
-                    os.write(1, b"L")  # rank 0 ends the job
+                    os.write(1, LOST)  # rank 0 ends the job
                 except OSError:
                     pass
             return

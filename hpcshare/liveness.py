@@ -29,17 +29,14 @@ lost when the launcher then kills the rest.
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import secrets
 import select
 import selectors
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from typing import TYPE_CHECKING
@@ -47,6 +44,7 @@ from typing import TYPE_CHECKING
 import psutil
 
 from . import context, ending, supervise, sync
+from .hostwatch import ABORTS, GOODBYE, LOST, QUIET, UNANSWERED
 from .security import interface_address, interface_addresses, listen_interface
 from .topology import role_of
 
@@ -57,10 +55,6 @@ if TYPE_CHECKING:
 __all__ = ["Liveness", "keepalive"]
 
 _LAUNCHERS = frozenset({"mpiexec", "mpiexec.hydra", "mpirun", "prterun", "orterun", "srun"})
-_GOODBYE = b"."  # the sender ends normally
-_ABORTS = b"!"  # the sender ends the whole job through hpcshare (an abort): no host is lost
-_LOST = b"L"  # from the host watcher to rank 0: a host is lost and named; end the job
-_QUIET = b"q"  # into the host watcher's FIFO, from a rank on rank 0's host that ends through hpcshare
 _TOKEN = 16  # bytes of the job's secret in a hello; then the rank, 4 bytes
 
 
@@ -81,11 +75,6 @@ def keepalive(sock: socket.socket, timeout: float) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, user_timeout, int(timeout * 1000))
 
 
-def _unanswered(exc: OSError) -> bool:
-    """Whether a socket error means the peer stopped answering (rather than closed or died)."""
-    return exc.errno in (errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN)
-
-
 class Liveness:
     """The job's connections to rank 0 and their watching threads (collective on ``topo.world``).
 
@@ -95,7 +84,7 @@ class Liveness:
     Leaving says goodbye and closes them.
     """
 
-    def __init__(self, topo: Topology, config: JobConfig, scratch: str | None = None) -> None:
+    def __init__(self, topo: Topology, config: JobConfig, scratch: str) -> None:
         self.topo, self.config, self.scratch = topo, config, scratch
         self.hosts: list[str] = []  #: each world rank's host name
         self.interface: str | None = None  #: where the job's Dask servers listen
@@ -105,7 +94,6 @@ class Liveness:
         self._wake: tuple[int, int] | None = None
         self._fifo: str | None = None  # ranks on rank 0's host: the host watcher's FIFO
         self._watcher: subprocess.Popen[bytes] | None = None  # rank 0: the host watcher (hpcshare.hostwatch)
-        self._made: str | None = None  # rank 0: a folder of its own for the FIFO, without a scratch folder
         self._vanished = False  # rank 0: a host's ranks vanished; the host watcher names it
 
     # --- setting up -------------------------------------------------------------------------
@@ -122,7 +110,7 @@ class Liveness:
             self.interface = listen_interface(config.interface, topo.n_hosts, addresses)
             if remote and topo.rank == 0:
                 listener = socket.create_server((interface_address(self.interface), 0))
-                fifo = os.path.join(self.scratch or self._own_folder(), "hostwatch")
+                fifo = os.path.join(self.scratch, "hostwatch")
                 os.mkfifo(fifo, 0o600)
                 where = (*listener.getsockname()[:2], secrets.token_bytes(_TOKEN), fifo)
         if not remote:
@@ -145,11 +133,6 @@ class Liveness:
         if job is not None:
             job.before_abort.append(self._aborting)
         return self
-
-    def _own_folder(self) -> str:
-        """A private folder for the watcher's FIFO where the job gave none (removed on leaving)."""
-        self._made = tempfile.mkdtemp(prefix="hpcshare-liveness-")
-        return self._made
 
     def _start_host_watcher(self) -> None:
         """Rank 0: start the program that names a host whose processes all vanish (hpcshare.hostwatch)."""
@@ -280,10 +263,10 @@ class Liveness:
                 try:
                     data = conn.recv(64)
                 except OSError as exc:
-                    if _unanswered(exc) and not self._closing.is_set():
+                    if exc.errno in UNANSWERED and not self._closing.is_set():
                         self._cut_off()
                     return
-                if not data or _GOODBYE in data:  # rank 0 ended: normally, or the launcher ends us too
+                if not data or GOODBYE in data:  # rank 0 ended: normally, or the launcher ends us too
                     return
 
     def _cut_off(self) -> None:
@@ -306,7 +289,7 @@ class Liveness:
             ready, _, _ = select.select([said, self._wake[0]], [], [])
             if said not in ready:
                 continue
-            if os.read(said, 1) != _LOST:  # the watcher ended without a lost host: nothing more to watch
+            if os.read(said, 1) != LOST:  # the watcher ended without a lost host: nothing more to watch
                 return
             if self._closing.is_set() or context.PROCESS.stopping:
                 return  # the job is ending anyway
@@ -321,9 +304,9 @@ class Liveness:
 
     def _aborting(self) -> None:
         """This rank ends the whole job through hpcshare (an abort): no host is lost (local)."""
-        self._goodbye(_ABORTS)
+        self._goodbye(ABORTS)
 
-    def _goodbye(self, word: bytes = _GOODBYE) -> None:
+    def _goodbye(self, word: bytes = GOODBYE) -> None:
         """Tell the other end, and the host watcher, this rank ends through hpcshare (local; idempotent)."""
         if self._closing.is_set():
             return
@@ -340,7 +323,7 @@ class Liveness:
             except OSError:  # no watcher (any more): nothing to tell
                 return
             try:
-                os.write(fd, _QUIET)
+                os.write(fd, QUIET)
             except OSError:
                 pass
             finally:
@@ -361,9 +344,6 @@ class Liveness:
             if self._watcher.stdout is not None:
                 self._watcher.stdout.close()
             self._watcher = None
-        if self._made is not None:
-            shutil.rmtree(self._made, ignore_errors=True)
-            self._made = None
         if self._wake is not None:
             for fd in self._wake:
                 os.close(fd)

@@ -56,7 +56,7 @@ _ENDING_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")  # after these, the
 _ENDING = b"e"
 _SCRATCH = b"s"  # followed by the job's scratch folder on this host
 _LIVENESS = b"l"  # comes with a descriptor: where the supervisor says "!" when it names the rank's death
-_ABORTS = b"!"  # on the rank's liveness descriptor: this death is named, no host is lost (hpcshare.liveness)
+_ABORTS = b"!"  # on the rank's liveness descriptor: this death is named, no host is lost (hostwatch.ABORTS)
 _DEATH_NAMED = "rank-death-named"  # the mark in the scratch folder: a supervisor named its rank's death
 
 _fd: int | None = None  # the rank's end of the socket pair to its supervisor

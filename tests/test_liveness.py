@@ -23,7 +23,7 @@ TOKEN = secrets.token_bytes(16)
 
 def _rank_0(timeout: float = 10.0) -> Liveness:
     config = SimpleNamespace(timeout=timeout, host_timeout=60.0)
-    return Liveness(topo=SimpleNamespace(rank=0), config=config)  # type: ignore[arg-type]
+    return Liveness(topo=SimpleNamespace(rank=0), config=config, scratch="")  # type: ignore[arg-type]
 
 
 def _hello(port: int, token: bytes, rank: int) -> socket.socket:
