@@ -213,6 +213,7 @@ def test_put_without_a_cluster_or_a_job_says_both_ways():
 
 def test_a_worker_that_joins_after_the_first_put_gets_the_plugins_and_maps_the_groups_copy(client):
     cluster = client.cluster
+    client.wait_for_workers(len(cluster.workers), timeout=60)  # a worker an earlier test ended is back
     handle = hpcshare.put(np.arange(1000, dtype="f8"))
     first = set(client.scheduler_info()["workers"])
     cluster.scale(len(first) + 1)  # as adaptive scaling does
