@@ -197,8 +197,9 @@ def test_overhead_measures_tls_and_handles_in_real_jobs(tmp_path):
     assert startup["ranks"] == 4 and "failed" not in startup, startup
     assert {s: len(r) for s, r in startup["runs"].items()} == {s: 1 for s in SETTINGS}, startup
     for setting in SETTINGS:
-        ((wall, cpu),) = (tuple(r.values()) for r in startup["runs"][setting])
+        ((wall, cpu, ready),) = (tuple(r.values()) for r in startup["runs"][setting])
         assert 0 < wall < 120 and 0 < cpu < 120, startup  # sane, not judged: a shared 2-core machine
+        assert 0 < ready < wall, startup  # the client was ready before the job ended
         if setting != "dask-mpi":
             assert startup[setting]["wall_ratio"] == pytest.approx(wall / startup["dask-mpi"]["wall"])
     verdicts = [t for t in result["targets"] if t["what"].startswith("start-up within 1.1x plain dask-mpi")]
