@@ -7,12 +7,7 @@ zero-copy NumPy views of their node's copy.
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("hpcshare")
-except PackageNotFoundError:  # pragma: no cover - running from a source tree
-    __version__ = "0.0.0+unknown"
+from typing import Any
 
 from .arrays import dask_array
 from .errors import (
@@ -54,3 +49,25 @@ __all__ = [
     "run",
     "submit",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """``hpcshare.__version__``, read from the installed metadata when first asked for.
+
+    Reading it parses the package's METADATA with the email package, ~10 ms
+    of every rank's start-up otherwise.
+    """
+    if name != "__version__":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        found = version("hpcshare")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree
+        found = "0.0.0+unknown"
+    globals()["__version__"] = found
+    return found
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), "__version__"})

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
     from .config import JobConfig
     from .importing import MainFunction
+    from .security import CredentialsMaker
     from .topology import Topology
 
 __all__ = [
@@ -365,16 +366,19 @@ class DaskCluster:
         memory_limit: int,
         local_directory: str | None = None,
         put_folder: str = "",
+        credentials: CredentialsMaker | None = None,
     ) -> None:
         self.topo, self.config = topo, config
         self.memory_limit = memory_limit  #: each worker's, from memory.worker_memory_limit
         self.local_directory = local_directory  #: the job's private scratch folder on this host
         self.put_folder = put_folder  #: the job's folder of put objects on this host (hpcshare.put)
+        self.credentials = credentials  #: rank 0, with TLS: the program making the job's certificates
 
     def __enter__(self) -> DaskCluster:
         import dask
 
         self._levels = {name: logging.getLogger(name).level for name in _DASK_LOGGERS}
+        self._undo: list[Any] = []  # patches made for this run of Dask
         self._address = dask.config.get("scheduler-address", None)
         logging.getLogger("distributed").setLevel(self.config.dask_log_level.upper())
         return self
@@ -382,6 +386,9 @@ class DaskCluster:
     def __exit__(self, *exc: object) -> None:
         import dask
 
+        for undo in self._undo:
+            with contextlib.suppress(Exception):  # the rest is restored regardless
+                undo()
         for name, level in self._levels.items():
             logging.getLogger(name).setLevel(level)
         dask.config.set({"scheduler-address": self._address})
@@ -412,13 +419,16 @@ class DaskCluster:
 
         from .dashboard import preload_config
         from .exchange import begin_collective_phase
-        from .security import dask_tls_config, listen_interface, share_credentials
+        from .security import dask_tls_config, lighter_tls_accepts, listen_interface, share_credentials
 
         try:
             begin_collective_phase()  # until dask-mpi's start-up barrier has passed (idle_startup_comm)
             tls: dict[str, Any] = {}
             if self.config.tls:
-                tls = dask_tls_config(share_credentials(self.topo.world, self.config.timeout))
+                tls = dask_tls_config(
+                    share_credentials(self.topo.world, self.config.timeout, self.credentials)
+                )
+                self._undo.append(lighter_tls_accepts())
             scratch = {"temporary-directory": self.local_directory} if self.local_directory else {}
             http = preload_config(self.config.dashboard, self.config.dashboard_address, self.local_directory)
             # Dask drops a silent peer only after hpcshare has named its host and ended the job
@@ -441,7 +451,8 @@ class DaskCluster:
                     return client_main(main, handles, self.topo.size - 2, self.config)
             return None, None
         except BaseException as exc:  # every rank must still reach the teardown
-            if self.topo.role != "client":  # the client's error is the one agreed on: say this one now
+            # the client's error, and one agreed on every rank, is told once at the end: say any other now
+            if self.topo.role != "client" and not sync.agreed(exc):
                 print(
                     f"hpcshare: rank {self.topo.rank} ({self.topo.role} on {self.topo.hostname}): "
                     f"its Dask {self.topo.role} failed: {type(exc).__name__}: {exc}",

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from .exchange import Exchange
+    from .security import CredentialsMaker
 
 __all__ = ["PROCESS", "JobContext", "ProcessState", "current", "running"]
 
@@ -98,6 +99,8 @@ class ProcessState:
     watcher: subprocess.Popen[bytes] | None = None
     kept_windows: list[Any] = dataclasses.field(default_factory=list)  #: windows still viewed at free()
     ended: set[str] = dataclasses.field(default_factory=set)  #: generations of jobs that ended here
+    #: rank 0 of ``hpcshare job``: the TLS certificates' maker the CLI started before MPI, for the job to take
+    credentials: CredentialsMaker | None = None
 
 
 PROCESS = ProcessState()

@@ -39,6 +39,8 @@ from .topology import CLIENT_RANK, Topology, check_world
 if TYPE_CHECKING:
     from mpi4py import MPI
 
+    from .security import CredentialsMaker
+
 __all__ = ["run"]
 
 
@@ -61,8 +63,13 @@ def _preflight(
     main: MainFunction | str | os.PathLike[str] | None,
     inputs: Mapping[str, Any] | None,
     options: Mapping[str, Any],
-) -> tuple[JobConfig, MainFunction, list[Source], list[TableSource]]:
-    """Config, world size, the job's main, the sources; agreed before any MPI object exists (collective)."""
+    stack: contextlib.ExitStack,
+) -> tuple[JobConfig, MainFunction, list[Source], list[TableSource], CredentialsMaker | None]:
+    """Config, world size, the job's main, the sources; agreed before any MPI object exists (collective).
+
+    With TLS, rank 0 also starts making the job's certificates (in a process
+    of its own, ended by ``stack``), unless ``hpcshare job`` started it already.
+    """
     options = dict(options)
     demo = {k: options.pop(k) for k in ("demo_size", "demo_tasks") if k in options}
     if main is None:  # the demo job, on its default input unless one named "data" is given
@@ -75,8 +82,16 @@ def _preflight(
         )
     elif demo:
         raise ConfigError(f"{' and '.join(sorted(demo))} are for the demo job (main=None)")
+    credentials = None
     with sync.Collective(world):
         config = JobConfig.from_options(**options)
+        early, context.PROCESS.credentials = context.PROCESS.credentials, None  # hpcshare job's, on rank 0
+        if early is not None:
+            stack.enter_context(early)
+        if config.tls and world.Get_rank() == 0:
+            from .security import CredentialsMaker
+
+            credentials = early or stack.enter_context(CredentialsMaker())
         check_world(world)
         job = load_main(main)
         tables = [t for name, src in (inputs or {}).items() if (t := table_source_for(name, src))]
@@ -85,7 +100,7 @@ def _preflight(
                 t.check()
         named = {t.name for t in tables}
         sources = [source_for(name, src) for name, src in (inputs or {}).items() if name not in named]
-    return config, job, sources, tables
+    return config, job, sources, tables, credentials
 
 
 def _place_tables(
@@ -213,12 +228,8 @@ def _run(
 
     world = MPI.COMM_WORLD if comm is None else comm
     install_handler(only_if_unconfigured=True)
-    config, main_fn, sources, tables = _preflight(world, main, inputs, options)
-    if config.tls and world.Get_rank() == 0:  # the certificates' library loads while the inputs are placed
-        from .security import warm_up
-
-        warm_up()
     with contextlib.ExitStack() as stack:
+        config, main_fn, sources, tables, credentials = _preflight(world, main, inputs, options, stack)
         topo = stack.enter_context(Topology.create(world, config.ranks_per_node))
         generation = job.generation = sync.bcast(world, uuid.uuid4().hex[:12] if topo.rank == 0 else None)
         # Dask's spill and worker files (it would leave dask-scratch-space in /tmp after an abort)
@@ -238,7 +249,9 @@ def _run(
         handles = {**placement.handles, **tables_placed}
         with sync.Collective(world, timeout=config.timeout):  # a budget too small for a worker fails here
             memory_limit = worker_memory_limit(topo, config, placement.nbytes)
-        with DaskCluster(topo, config, memory_limit, local_directory=scratch, put_folder=puts) as cluster:
+        with DaskCluster(
+            topo, config, memory_limit, local_directory=scratch, put_folder=puts, credentials=credentials
+        ) as cluster:
             result, error = cluster.run(main_fn, handles)
         with collective_phase():  # the report measures collectively
             _end_of_job_report(topo, placement, tables_placed, config, puts, error)

@@ -5,7 +5,8 @@ other user who can open a TCP connection to it could run code as the job's
 user and read its data, so by default:
 
 - rank 0 makes a fresh certificate authority and one certificate for the
-  job (:func:`make_credentials`, EC P-256, valid for the job's day) and every
+  job (:mod:`hpcshare.certificates`, EC P-256, valid for a week, in a
+  process of its own beside rank 0: :class:`CredentialsMaker`) and every
   rank receives them over MPI, the one channel that reaches exactly the
   job's processes (:func:`share_credentials`). They are held in memory and
   handed to Dask as PEM text; distributed writes a certificate to disk only
@@ -25,31 +26,33 @@ user and read its data, so by default:
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import ipaddress
+import json
+import os
 import socket
-import threading
-from collections.abc import Mapping, Sequence
+import subprocess
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import psutil
 
 from . import sync
-from .errors import ConfigError
+from .certificates import make_pem
+from .errors import ConfigError, HpcshareError
 
 if TYPE_CHECKING:
     from mpi4py import MPI
 
 __all__ = [
     "Credentials",
+    "CredentialsMaker",
     "dask_tls_config",
+    "lighter_tls_accepts",
     "listen_interface",
     "make_credentials",
     "share_credentials",
-    "warm_up",
 ]
-
-_JOB_NAME = "hpcshare-job"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,81 +68,135 @@ class Credentials:
 
 
 def make_credentials() -> Credentials:
-    """A fresh CA and a certificate it signed, for one job (local; rank 0)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    now = datetime.datetime.now(datetime.timezone.utc)
-    start, end = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=7)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{_JOB_NAME} authority")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(end)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, _JOB_NAME)]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(end)
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(_JOB_NAME)]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    pem = serialization.Encoding.PEM
-    return Credentials(
-        ca=ca.public_bytes(pem).decode(),
-        cert=cert.public_bytes(pem).decode(),
-        key=key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()).decode(),
-    )
+    """A fresh CA and a certificate it signed, for one job, made in this process (local)."""
+    return Credentials(**make_pem())
 
 
-def warm_up() -> threading.Thread:
-    """Load the certificate library in a background thread, so :func:`make_credentials` is quick later (local).
+class CredentialsMaker:
+    """Rank 0: the job's credentials, made by :mod:`hpcshare.certificates` in a process of its own (local).
 
-    The first credentials of a process cost ~0.17 s, nearly all of it loading
-    ``cryptography``'s OpenSSL bindings; a later call costs ~1 ms. Rank 0
-    starts this when the job starts, and loads them while the ranks place
-    the inputs, instead of while every rank waits for the certificates.
+    Started as the job starts; :meth:`take` waits for them (bounded). A
+    thread would hold rank 0's interpreter lock while ``cryptography``
+    loads, and every rank waits for rank 0 in the steps that follow;
+    the program runs beside rank 0 instead. If the program cannot run
+    (an interpreter that needs its environment, a launch refused), rank 0
+    makes them itself. Leaving kills it if it still runs (the job failed
+    before it needed the credentials).
     """
-    thread = threading.Thread(target=make_credentials, name="hpcshare-tls-warm-up", daemon=True)
-    thread.start()
-    return thread
+
+    def __init__(self) -> None:
+        program = os.path.join(os.path.dirname(__file__), "certificates.py")
+        self.process: subprocess.Popen[str] | None = None
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-s", "-S", program],  # no site: it is given the job's sys.path
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            assert self.process.stdin is not None
+            stdin, self.process.stdin = self.process.stdin, None  # communicate() must not flush it
+            with stdin:
+                stdin.write(json.dumps(sys.path) + "\n")  # where cryptography is found
+        except OSError:  # no process, or it died at once: take() makes them here, or says why not
+            pass
+
+    def take(self, timeout: float) -> Credentials:
+        """The credentials (local; bounded by ``timeout`` seconds for the program).
+
+        Raises
+        ------
+        HpcshareError
+            When the program took longer than ``timeout``, or neither it nor
+            this process could make them.
+        """
+        why = "the program did not start"
+        if self.process is not None:
+            try:
+                out, err = self.process.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.close()
+                raise HpcshareError(
+                    f"making the job's TLS certificates took over {timeout:g} s (hpcshare.timeout); "
+                    "or run without TLS (--no-tls, hpcshare.tls: false)"
+                ) from None
+            if self.process.returncode == 0:
+                return Credentials(**json.loads(out))
+            why = " ".join(err.strip().splitlines()[-1:]) or f"exit code {self.process.returncode}"
+        try:
+            return make_credentials()
+        except Exception as exc:
+            raise HpcshareError(
+                f"could not make the job's TLS certificates ({why}; here: {type(exc).__name__}: {exc}); "
+                "is the 'cryptography' package installed? Or run without TLS (--no-tls, hpcshare.tls: false)"
+            ) from exc
+
+    def close(self) -> None:
+        """Stop the program if it still runs, and reap it (local; idempotent)."""
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.communicate()
+
+    def __enter__(self) -> CredentialsMaker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
-def share_credentials(world: MPI.Intracomm, timeout: float) -> Credentials:
-    """Rank 0's fresh credentials, on every rank (collective on ``world``, idle and bounded)."""
-    mine = make_credentials() if world.Get_rank() == 0 else None
-    sync.barrier(world, timeout=timeout, what="rank 0 to make the job's TLS certificates")
+def share_credentials(
+    world: MPI.Intracomm, timeout: float, maker: CredentialsMaker | None = None
+) -> Credentials:
+    """Rank 0's fresh credentials, on every rank (collective on ``world``, idle and bounded).
+
+    Rank 0 takes them from ``maker`` (started earlier), or makes them here.
+
+    Raises
+    ------
+    HpcshareError
+        On every rank, when rank 0 could not make them.
+    """
+    mine = None
+    with sync.Collective(world, timeout=timeout):
+        if world.Get_rank() == 0:  # within the others' wait for rank 0, so that its own error is the one told
+            mine = maker.take(0.8 * timeout) if maker is not None else make_credentials()
     creds: Credentials = world.bcast(mine, root=0)
     return creds
+
+
+def lighter_tls_accepts() -> Callable[[], None]:
+    """Spare this process's TLS servers loading the system's CA store for nothing (local); returns the undo.
+
+    tornado's ``TCPServer`` wraps an accepted socket in the listener's SSL
+    context, then makes an ``SSLIOStream`` without ``ssl_options``, whose
+    constructor loads tornado's default *client* context (every CA
+    certificate of the system, ~50 ms of CPU) only to keep it unused: the
+    socket is wrapped already. Dask's scheduler pays it on its first
+    connection, while every worker waits to register. Here such a stream is
+    given the context its socket was wrapped with instead; nothing else
+    changes (tornado's streams that connect out, and its HTTP client, keep
+    their defaults).
+    """
+    import tornado.tcpserver
+
+    original = tornado.tcpserver.SSLIOStream
+
+    class AcceptedSSLIOStream(original):  # type: ignore[misc, valid-type]
+        def __init__(self, sock: Any, *args: Any, **kwargs: Any) -> None:
+            context = getattr(sock, "context", None)
+            if context is not None:
+                kwargs.setdefault("ssl_options", context)
+            super().__init__(sock, *args, **kwargs)
+
+    tornado.tcpserver.SSLIOStream = AcceptedSSLIOStream  # type: ignore[misc]
+
+    def undo() -> None:
+        tornado.tcpserver.SSLIOStream = original  # type: ignore[misc]
+
+    return undo
 
 
 def dask_tls_config(creds: Credentials) -> dict[str, Any]:

@@ -110,6 +110,10 @@ def test_console_script_is_installed():
     if not exe:
         pytest.skip("hpcshare is not installed in this environment (pip install -e .)")
     assert run_cmd([exe, "--help"]).stdout.count("job") >= 1
+    from importlib.metadata import version
+
+    shown = run_cmd([exe, "--version"])
+    assert shown.returncode == 0 and shown.stdout.strip() == f"hpcshare {version('hpcshare')}", shown
 
 
 @pytest.mark.each_mpi
@@ -241,6 +245,51 @@ def test_sys_exit_0_in_main_is_a_success(tmp_path, call):
     run = hpcshare(3, "job", str(tmp_path / "done.py"), "-q", timeout=60)
     assert run.returncode == 0, run
     assert "error" not in run.stderr, run
+
+
+def test_the_jobs_atexit_handlers_run_and_its_open_files_are_written_at_exit(tmp_path):
+    # the ranks' exit skips the interpreter's garbage collections (cli._leaving): what users rely on stays
+    (tmp_path / "leaves.py").write_text(
+        textwrap.dedent(
+            f"""
+            import atexit
+            import tempfile
+            from pathlib import Path
+
+            OUT = Path({str(tmp_path)!r})
+            LOG = open(OUT / "log.txt", "w")  # never closed by the job, as scripts do
+            SCRATCH = tempfile.NamedTemporaryFile(dir=OUT, prefix="scratch-")  # every rank's: removed at exit
+
+            def _bye():
+                (OUT / "atexit.txt").write_text("ran")
+
+            def main(client, inputs):
+                LOG.write("written by main")
+                atexit.register(_bye)
+            """
+        )
+    )
+    run = hpcshare(3, "job", str(tmp_path / "leaves.py"), "-q", timeout=60)
+    assert run.returncode == 0, run
+    assert (tmp_path / "log.txt").read_text() == "written by main", run
+    assert (tmp_path / "atexit.txt").read_text() == "ran", run
+    assert not list(tmp_path.glob("scratch-*")), run
+    assert "Exception ignored" not in run.stderr, run
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_the_command_exits_without_pythons_final_collections_unless_told_not_to(tmp_path, fast):
+    # what the exit keeps is checked above; here, that the quick exit happens, and that the key turns it off
+    probe = (
+        "import atexit, gc, sys\n"
+        "atexit.register(lambda: print('frozen' if gc.get_freeze_count() else 'not frozen'))\n"
+        f"sys.argv = ['hpcshare', 'clean', '--shm-dir', {str(tmp_path)!r}]\n"
+        "from hpcshare.cli import entry\n"
+        "entry()\n"
+    )
+    run = run_cmd([sys.executable, "-c", probe], env={"DASK_HPCSHARE__FAST_EXIT": str(fast).lower()})
+    assert run.returncode == 0, run
+    assert run.stdout.strip().splitlines()[-1] == ("frozen" if fast else "not frozen"), run
 
 
 @pytest.mark.each_mpi

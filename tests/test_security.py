@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from helpers import ROOT, kill_job, mpiexec
+from helpers import ROOT, hpcshare, kill_job, mpiexec
 
 from hpcshare.security import Credentials, listen_interface, make_credentials
 
@@ -161,6 +162,80 @@ def test_the_jobs_certificates_are_fresh_signed_by_its_own_authority_and_never_p
     cert.verify_directly_issued_by(ca)
     assert "PRIVATE KEY" not in repr(a) and "PRIVATE KEY" not in str(a)
     assert isinstance(a, Credentials)
+
+
+def test_the_certificate_program_gives_rank_0_fresh_credentials():
+    from hpcshare.security import CredentialsMaker
+
+    with CredentialsMaker() as maker:
+        creds = maker.take(timeout=60)
+    assert maker.process.returncode == 0
+    assert "BEGIN CERTIFICATE" in creds.ca and "BEGIN CERTIFICATE" in creds.cert
+    assert "PRIVATE KEY" in creds.key and "PRIVATE KEY" not in repr(creds)
+
+
+def test_a_job_whose_certificates_cannot_be_made_ends_at_once_with_one_line(tmp_path):
+    broken = tmp_path / "site" / "cryptography"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("raise ImportError('this cryptography is broken on purpose')\n")
+    (tmp_path / "empty.py").write_text("def main(client, inputs):\n    pass\n")
+    env = {
+        "PYTHONPATH": f"{tmp_path / 'site'}{os.pathsep}{ROOT}"
+    }  # before site-packages, as a user's stray copy
+    run = hpcshare(4, "job", str(tmp_path / "empty.py"), "-q", env=env, timeout=100)
+    assert run.returncode == 1, run
+    lines = [line for line in run.stderr.splitlines() if "TLS certificates" in line]
+    assert len(lines) == 1, run
+    assert "this cryptography is broken on purpose" in lines[0] and "--no-tls" in lines[0], run
+    assert run.seconds < 60, run  # not a wait for hpcshare.timeout (120 s)
+
+
+def test_a_tls_server_accepts_without_loading_the_systems_ca_store():
+    # run in a fresh interpreter: tornado caches its default client context once per process
+    code = """
+import asyncio, ssl, tempfile, os
+import tornado.netutil, tornado.tcpserver
+from tornado.iostream import IOStream
+from hpcshare.security import lighter_tls_accepts, make_credentials
+
+creds = make_credentials()
+folder = tempfile.mkdtemp()
+for name in ("cert", "key"):
+    with open(os.path.join(folder, name), "w") as f:
+        f.write(getattr(creds, name))
+server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cadata=creds.ca)
+server_ctx.load_cert_chain(os.path.join(folder, "cert"), os.path.join(folder, "key"))
+client_ctx = ssl.create_default_context(cadata=creds.ca)
+client_ctx.check_hostname = False
+accepted = []
+
+class Server(tornado.tcpserver.TCPServer):
+    async def handle_stream(self, stream, address):
+        await stream.wait_for_handshake()
+        accepted.append(stream)
+        await stream.write(b"ok")
+
+async def go():
+    undo = lighter_tls_accepts()
+    try:
+        server = Server(ssl_options=server_ctx)
+        [sock] = tornado.netutil.bind_sockets(0, "127.0.0.1")
+        server.add_sockets([sock])
+        stream = await IOStream(__import__("socket").socket()).connect(("127.0.0.1", sock.getsockname()[1]))
+        stream = await stream.start_tls(False, ssl_options=client_ctx)
+        assert await stream.read_bytes(2) == b"ok"
+        server.stop()
+    finally:
+        undo()
+    assert accepted and accepted[0]._ssl_options is server_ctx
+    assert tornado.netutil._client_ssl_defaults.cache_info().currsize == 0  # the CA store never loaded
+    assert tornado.tcpserver.SSLIOStream.__name__ == "SSLIOStream"  # undone
+
+asyncio.run(go())
+print("fine")
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and run.stdout.strip() == "fine", run.stderr
 
 
 def test_interfaces():
