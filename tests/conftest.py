@@ -9,10 +9,14 @@ that for the plain run).
 from __future__ import annotations
 
 import itertools
+import os
+import shutil
+import tempfile
 import time
 import uuid
 from pathlib import Path
 
+import psutil
 import pytest
 
 from hpcshare import ObjectHandle, codec, context, shm, store
@@ -23,6 +27,25 @@ def pytest_ignore_collect(collection_path, config):
     if collection_path.name == "mpi" and collection_path.parent == Path(__file__).parent:
         return not config.getoption("--with-mpi", default=False)
     return None
+
+
+@pytest.fixture(autouse=True)
+def _no_stale_open_mpi_session():
+    """After each test, remove Open MPI session folders (``$TMPDIR/ompi.PID``) whose launcher is gone.
+
+    A test that kills a launcher (Ctrl-C, kill -9, a lost host) leaves
+    prterun's session folder; pids are reused (pid_max is 32768 here), and a
+    later prterun with the same pid finds the stale PMIx rendezvous file and
+    cannot start ("The PMIx server's listener thread failed to start", seen
+    once in CI). Only this user's folders, only of dead processes.
+    """
+    yield
+    for entry in os.scandir(tempfile.gettempdir()):
+        pid = entry.name.removeprefix("ompi.")
+        if pid == entry.name or not pid.isdigit() or not entry.is_dir(follow_symlinks=False):
+            continue
+        if entry.stat(follow_symlinks=False).st_uid == os.getuid() and not psutil.pid_exists(int(pid)):
+            shutil.rmtree(entry.path, ignore_errors=True)
 
 
 @pytest.fixture
