@@ -145,3 +145,47 @@ def test_another_users_files_are_refused_and_never_swept(tmp_path):
         groups.join(str(tmp_path), cluster)
     assert lifetimes.sweep(str(tmp_path)) == []
     assert os.path.exists(marker) and os.path.exists(theirs)
+
+
+def test_a_waiting_fetcher_sees_a_finished_or_dead_writer_and_never_removes_a_live_or_renamed_file(tmp_path):
+    # a worker whose fetch found another's .part waits on _writer_gone (CI once saw it unlink a .part
+    # its writer had just renamed into place, and fail the task with FileNotFoundError)
+    import fcntl
+
+    from hpcshare.anywhere import files, transfer
+    from hpcshare.anywhere.groups import Member
+
+    member = Member(shm_dir=str(tmp_path), cluster="c" * 32, group="g", fd=-1)
+    part, final = files.part_path(member.shm_dir, member.cluster, "obj"), member.path("obj")
+
+    writer = os.open(part, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    fcntl.flock(writer, fcntl.LOCK_EX)
+    assert transfer._writer_gone(member, "obj") is False  # at work: wait
+    os.rename(part, final)  # done: renamed into place, then closed (the order copies.write keeps)
+    assert transfer._writer_gone(member, "obj") is True
+    os.close(writer)
+    assert transfer._writer_gone(member, "obj") is True and os.path.exists(final)
+    os.unlink(final)
+
+    stale = os.open(part, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    os.close(stale)  # its writer died: no lock
+    assert transfer._writer_gone(member, "obj") is True
+    assert not os.path.exists(part)  # removed, so the next fetch can write
+
+    # the lock is free but the path is a new writer's file by the time it is looked at: left alone
+    old = os.open(part, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    real_flock = fcntl.flock
+
+    def swap_then_lock(fd, op):
+        os.unlink(part)
+        new = os.open(part, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        os.close(new)
+        return real_flock(fd, op)
+
+    fcntl.flock = swap_then_lock
+    try:
+        assert transfer._writer_gone(member, "obj") is True
+    finally:
+        fcntl.flock = real_flock
+        os.close(old)
+    assert os.path.exists(part)  # the new writer's file stays

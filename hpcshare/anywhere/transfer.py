@@ -60,11 +60,21 @@ def _writer_gone(member: Member, name: str) -> bool:
     except FileNotFoundError:
         return True
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        os.unlink(part)  # its writer died: stale
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False  # its writer is at work
+        # the lock is free: its writer renamed it into place and closed it, or died
+        if os.path.exists(member.path(name)):
+            return True
+        opened, there = os.fstat(fd), os.stat(part)
+        if (opened.st_dev, opened.st_ino) == (there.st_dev, there.st_ino):
+            os.unlink(
+                part
+            )  # still the file its dead writer left: stale (a new writer cannot start beside it)
         return True
-    except BlockingIOError:
-        return False
+    except FileNotFoundError:  # renamed into place or removed meanwhile
+        return True
     finally:
         os.close(fd)
 
