@@ -436,9 +436,8 @@ def _start_certificates(args: JobArgs) -> None:
             from .security import CredentialsMaker
 
             PROCESS.credentials = CredentialsMaker()
-    except (
-        Exception
-    ):  # bad options, which the job reports itself on every rank; or the runtime starts its own
+    except Exception:
+        # bad options, which the job reports itself on every rank; or the runtime starts its own
         PROCESS.credentials = None
 
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from . import ending, store, sync
+from . import context, ending, store, sync
 from .errors import HpcshareError, JobFailed
 from .handles import Handle
 from .memory import PrivateMemory
@@ -378,7 +378,6 @@ class DaskCluster:
         import dask
 
         self._levels = {name: logging.getLogger(name).level for name in _DASK_LOGGERS}
-        self._undo: list[Any] = []  # patches made for this run of Dask
         self._address = dask.config.get("scheduler-address", None)
         logging.getLogger("distributed").setLevel(self.config.dask_log_level.upper())
         return self
@@ -386,9 +385,6 @@ class DaskCluster:
     def __exit__(self, *exc: object) -> None:
         import dask
 
-        for undo in self._undo:
-            with contextlib.suppress(Exception):  # the rest is restored regardless
-                undo()
         for name, level in self._levels.items():
             logging.getLogger(name).setLevel(level)
         dask.config.set({"scheduler-address": self._address})
@@ -428,7 +424,9 @@ class DaskCluster:
                 tls = dask_tls_config(
                     share_credentials(self.topo.world, self.config.timeout, self.credentials)
                 )
-                self._undo.append(lighter_tls_accepts())
+                job = context.current()
+                assert job is not None  # Dask runs inside run()
+                job.on_end(lighter_tls_accepts())  # undone with the job's other patches to Dask
             scratch = {"temporary-directory": self.local_directory} if self.local_directory else {}
             http = preload_config(self.config.dashboard, self.config.dashboard_address, self.local_directory)
             # Dask drops a silent peer only after hpcshare has named its host and ended the job

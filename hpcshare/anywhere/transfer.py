@@ -69,9 +69,8 @@ def _writer_gone(member: Member, name: str) -> bool:
             return True
         opened, there = os.fstat(fd), os.stat(part)
         if (opened.st_dev, opened.st_ino) == (there.st_dev, there.st_ino):
-            os.unlink(
-                part
-            )  # still the file its dead writer left: stale (a new writer cannot start beside it)
+            # still the file its dead writer left: stale (a new writer cannot start beside it)
+            os.unlink(part)
         return True
     except FileNotFoundError:  # renamed into place or removed meanwhile
         return True

@@ -110,9 +110,8 @@ def _children_cpu() -> float:
 
 def _ready(output: str, started: float) -> float | None:
     """Seconds from ``started`` (epoch) to the program's ``READY`` line, or None without one (local)."""
-    found = re.search(
-        rf"{READY} (\d+\.\d+)", output
-    )  # the ranks' output is merged: not always a line of its own
+    # the ranks' output is merged: not always a line of its own
+    found = re.search(rf"{READY} (\d+\.\d+)", output)
     return None if found is None else float(found[1]) - started
 
 
