@@ -7,9 +7,10 @@ zero-copy NumPy views of their node's copy.
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+import importlib.util
+from typing import TYPE_CHECKING, Any
 
-from .arrays import dask_array
 from .errors import (
     CapacityError,
     ConfigError,
@@ -21,11 +22,30 @@ from .errors import (
     TopologyError,
     WaitTimeout,
 )
-from .frames import dask_dataframe
-from .handles import ArrayHandle, Handle, ObjectHandle
-from .loaders import Fill
-from .runtime import run
-from .sharing import free, put, submit
+
+if TYPE_CHECKING:
+    from .arrays import dask_array
+    from .frames import dask_dataframe
+    from .handles import ArrayHandle, Handle, ObjectHandle
+    from .loaders import Fill
+    from .runtime import run
+    from .sharing import free, put, submit
+
+# The rest of the public names, loaded when first used: every rank of ``hpcshare job``
+# imports this package before MPI starts, and the command's first steps (the supervisor's
+# fork, MPI_Init) need none of Dask, numpy or the runtime (docs/architecture.md, "Start-up").
+_LAZY = {
+    "dask_array": "arrays",
+    "dask_dataframe": "frames",
+    "ArrayHandle": "handles",
+    "Handle": "handles",
+    "ObjectHandle": "handles",
+    "Fill": "loaders",
+    "run": "runtime",
+    "free": "sharing",
+    "put": "sharing",
+    "submit": "sharing",
+}
 
 __all__ = [
     "ArrayHandle",
@@ -52,22 +72,28 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    """``hpcshare.__version__``, read from the installed metadata when first asked for.
+    """A public name loaded when first used, a submodule, or ``__version__`` read from the installed metadata.
 
-    Reading it parses the package's METADATA with the email package, ~10 ms
-    of every rank's start-up otherwise.
+    Reading the version parses the package's METADATA with the email
+    package, ~10 ms of every rank's start-up otherwise.
     """
-    if name != "__version__":
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    from importlib.metadata import PackageNotFoundError, version
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    elif name == "__version__":
+        from importlib.metadata import PackageNotFoundError, version
 
-    try:
-        found = version("hpcshare")
-    except PackageNotFoundError:  # pragma: no cover - running from a source tree
-        found = "0.0.0+unknown"
-    globals()["__version__"] = found
-    return found
+        try:
+            value = version("hpcshare")
+        except PackageNotFoundError:  # pragma: no cover - running from a source tree
+            value = "0.0.0+unknown"
+    elif importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        # ``import hpcshare; hpcshare.sharing...`` as when this package loaded its modules eagerly
+        value = importlib.import_module(f"{__name__}.{name}")
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), "__version__"})
+    return sorted({*globals(), *_LAZY, "__version__"})

@@ -16,6 +16,8 @@ from dask.utils import parse_bytes, parse_timedelta
 from .errors import ConfigError
 
 __all__ = [
+    "DEMO_SIZE",
+    "DEMO_TASKS",
     "READ_MODES",
     "JobConfig",
     "default_timeout",
@@ -32,6 +34,9 @@ with open(_fn) as _f:
 dask.config.update_defaults(_defaults)
 
 READ_MODES = ("collective", "per-node")  # hpcshare.read
+# the built-in demo job's input size and tasks (here, not in demo.py: the command line reads them before numpy loads)
+DEMO_SIZE = 256 * 2**20
+DEMO_TASKS = 16
 
 # option name -> dask config key
 _KEYS = {

@@ -99,7 +99,7 @@ class ProcessState:
     watcher: subprocess.Popen[bytes] | None = None
     kept_windows: list[Any] = dataclasses.field(default_factory=list)  #: windows still viewed at free()
     ended: set[str] = dataclasses.field(default_factory=set)  #: generations of jobs that ended here
-    #: rank 0 of ``hpcshare job``: the TLS certificates' maker the CLI started before MPI, for the job to take
+    #: rank 0 of ``hpcshare job``: the TLS certificates' maker the CLI started, for the job to take
     credentials: CredentialsMaker | None = None
 
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .config import DEMO_SIZE, DEMO_TASKS
 from .loaders import Fill
 
 if TYPE_CHECKING:
@@ -24,8 +25,8 @@ if TYPE_CHECKING:
 
 __all__ = ["DEFAULT_SIZE", "DEFAULT_TASKS", "INPUT_NAME", "demo_input", "demo_job", "demo_main", "moment"]
 
-DEFAULT_SIZE = 256 * 2**20
-DEFAULT_TASKS = 16
+DEFAULT_SIZE = DEMO_SIZE
+DEFAULT_TASKS = DEMO_TASKS
 INPUT_NAME = "data"
 _BLOCK = 1 << 20  # elements per block: tasks never hold a private copy of the input
 

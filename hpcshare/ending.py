@@ -104,15 +104,17 @@ def _remove_all_but(folder: str, keep: str) -> None:
                 os.unlink(entry.path)
 
 
-def end_with_launcher(job: context.JobContext) -> None:
-    """Have the kernel send this rank SIGTERM when its launcher dies (local; Linux).
+def end_with_launcher(job: context.JobContext | None = None) -> None:
+    """Have the kernel send this rank SIGTERM when its launcher dies (local; Linux); ``job`` remembers the launcher.
 
     A batch system that SIGKILLs mpiexec and its proxy after the grace time
     would otherwise leave the ranks running on as orphans until ``main``
     ends. SIGTERM ends the job as scancel does (the CLI's handler unlinks
     the shared memory first; the watcher sweeps what is left).
     """
-    parent = job.launcher = os.getppid()
+    parent = os.getppid()
+    if job is not None:
+        job.launcher = parent
     if not supervise.term_on_parent_death():
         return
     if os.getppid() != parent:  # the launcher died before the request was in place

@@ -223,7 +223,8 @@ def _run(
     options: Mapping[str, Any],
 ) -> Any:
     """:func:`run`, inside the job's context (collective on ``comm``)."""
-    ending.end_with_launcher(job)  # before MPI starts: Open MPI's MPI_Init makes its files in /dev/shm
+    # before MPI starts (Open MPI's MPI_Init makes its files in /dev/shm); hpcshare job started it already
+    ending.end_with_launcher(job)
     from mpi4py import MPI
 
     world = MPI.COMM_WORLD if comm is None else comm

@@ -94,6 +94,11 @@ class CredentialsMaker:
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,
+                # a session of its own: launchers (MPICH's hydra, Slurm) start each rank in its own
+                # session, and Linux's autogroup scheduling shares the CPU between sessions, so in
+                # rank 0's session the program's ~0.1 s of CPU came out of rank 0's share alone:
+                # rank 0 finished its imports ~0.15 s after the others, and every rank waited for it
+                start_new_session=True,
             )
             assert self.process.stdin is not None
             stdin, self.process.stdin = self.process.stdin, None  # communicate() must not flush it

@@ -102,6 +102,13 @@ def import_graph(root: Path) -> dict[str, set[str]]:
                     edges.add(target if target in files else module)
             elif isinstance(node, ast.Import):
                 edges.update(alias.name for alias in node.names)
+            elif (
+                isinstance(node, ast.Assign)
+                and [ast.unparse(t) for t in node.targets] == ["_LAZY"]
+                and isinstance(node.value, ast.Dict)
+            ):
+                # a package's names loaded when first used: {name: submodule}
+                edges.update(f"{package}.{ast.literal_eval(v)}" for v in node.value.values if v is not None)
         graph[name] = {e for e in edges if e in files and e != name}
     return graph
 
@@ -140,6 +147,36 @@ def test_no_module_of_hpcshare_imports_itself_back():
     assert {"hpcshare.runtime", "hpcshare.sync", "hpcshare.store", "hpcshare.handles"} <= set(graph)
     assert "hpcshare.ending" in graph["hpcshare.sync"]  # imports are seen, also those inside functions
     assert cycles(graph) == []
+
+
+def test_the_package_loads_its_public_names_when_first_used():
+    # every rank of `hpcshare job` imports the package and the command line before MPI starts: its
+    # first steps (the supervisor's fork, MPI_Init) must not wait for Dask's workers or numpy to load
+    out = python(
+        """
+        import sys
+        import hpcshare.cli
+        heavy = ("numpy", "distributed", "mpi4py", "hpcshare.runtime", "h5py", "pandas")
+        print(sorted(m for m in heavy if m in sys.modules))
+        import hpcshare
+        from hpcshare import put
+        print(hpcshare.run.__module__, put.__module__, hpcshare.ArrayHandle.__name__, hpcshare.sharing.__name__)
+        print("run" in dir(hpcshare), hasattr(hpcshare, "no_such_name"))
+        """
+    )
+    assert out.splitlines() == [
+        "[]",
+        "hpcshare.runtime hpcshare.sharing ArrayHandle hpcshare.sharing",
+        "True False",
+    ]
+
+
+def test_the_cycle_check_sees_the_packages_lazy_names(tmp_path):
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text('_LAZY = {"f": "a"}\n')
+    (pkg / "a.py").write_text("import pkg\n")
+    assert cycles(import_graph(pkg)) == [["pkg", "pkg.a"]]
 
 
 def test_the_cycle_check_sees_a_cycle_hidden_in_a_function(tmp_path):
