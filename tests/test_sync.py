@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 
 import pytest
@@ -41,15 +42,23 @@ def test_a_poll_gives_up_at_its_time_limit_naming_what_it_waited_for():
     assert 0.3 <= time.monotonic() - start < 1.0
 
 
-def test_the_backoff_grows_to_its_longest_sleep_and_starts_short_after_a_reset():
+def test_the_backoff_polls_often_in_a_short_wait_then_less_and_starts_short_after_a_reset(monkeypatch):
+    from hpcshare import sync
     from hpcshare.sync import Backoff
 
+    clock = [100.0]  # the sleeps advance a fake clock: the test takes no time
+    monkeypatch.setattr(sync.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(sync.time, "sleep", lambda seconds: clock.__setitem__(0, clock[0] + seconds))
     b = Backoff()
     delays = []
-    for _ in range(12):
+    while clock[0] - 100.0 < 3.0:
         delays.append(b.delay)
         b.sleep()
-    assert delays[0] == Backoff.FIRST and delays[-1] == Backoff.LONGEST
+    short = [d for d, t in zip(delays, itertools.accumulate(delays)) if t <= Backoff.PATIENCE]
+    assert delays[0] == Backoff.FIRST and max(short) == Backoff.SHORT == 1e-3  # a short wait: every 1 ms
+    assert delays[-1] == Backoff.LONGEST == 5e-3  # a long one: every 5 ms
     assert all(a <= b for a, b in zip(delays, delays[1:]))
     b.reset()
     assert b.delay == Backoff.FIRST
+    b.sleep()
+    assert b.delay == 2 * Backoff.FIRST
