@@ -86,7 +86,7 @@ def __getattr__(name: str) -> Any:
             value = version("hpcshare")
         except PackageNotFoundError:  # pragma: no cover - running from a source tree
             value = "0.0.0+unknown"
-    elif importlib.util.find_spec(f"{__name__}.{name}") is not None:
+    elif not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
         # ``import hpcshare; hpcshare.sharing...`` as when this package loaded its modules eagerly
         value = importlib.import_module(f"{__name__}.{name}")
     else:

@@ -2,9 +2,10 @@
 
 A module (:func:`make_pem`) and a program: rank 0 runs this file by path
 (``python -s -S certificates.py``, :class:`hpcshare.security.CredentialsMaker`),
-so that loading ``cryptography``'s OpenSSL bindings (~0.15 s) and making
-the keys happen in a process of their own, on a core the ranks' waits
-leave idle, while rank 0 goes on setting the job up. The program reads
+so that loading ``cryptography``'s OpenSSL bindings (~0.1 s of CPU) and
+making the keys happen in a process of their own (and session: the CPU
+it takes is not rank 0's alone), beside the ranks' imports, while rank 0
+goes on loading its own. The program reads
 the parent's ``sys.path`` as JSON on stdin (to find ``cryptography``
 where the job does) and writes the PEM text as JSON on stdout, a pipe
 only rank 0 reads. Standard library and ``cryptography`` only.

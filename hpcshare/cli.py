@@ -390,12 +390,15 @@ def _job(args: JobArgs) -> int:
     # fork copies a small process, and MPI_Init's wait for the last rank is short (_start_mpi)
     _supervised()
     install_handler()
+    # what _interrupted uses, loaded before it can run (a signal during their import would find them half made)
+    from . import context, ending, shm, supervise  # noqa: F401
+
     signal.signal(signal.SIGINT, _interrupted)
     signal.signal(signal.SIGTERM, _interrupted)
     _start_mpi()
     _start_certificates(args)
 
-    from . import ending, runtime, sync
+    from . import runtime, sync
     from .demo import demo_job
 
     inputs: dict[str, Any] = dict(args.inputs)

@@ -27,7 +27,7 @@ import numpy as np
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from . import context, ending, store, sync
-from .errors import HpcshareError, JobFailed
+from .errors import HpcshareError, JobFailed, WaitTimeout
 from .handles import Handle
 from .memory import PrivateMemory
 from .registry import registered_views
@@ -266,14 +266,24 @@ def _wait_for_workers(client: Client, n_workers: int, timeout: float) -> None:
     more. Here the checks start 5 ms apart and slow down to Dask's 0.1 s;
     each asks for the running workers' thread counts only. Dask's call then
     confirms at its first check and updates the client's view of the
-    scheduler (or raises its own timeout error).
+    scheduler.
+
+    Raises
+    ------
+    WaitTimeout
+        When fewer than ``n_workers`` are running after ``timeout`` seconds.
     """
     deadline = time.monotonic() + timeout
     delay = 0.005
-    while len(client.sync(client.scheduler.ncores_running)) < n_workers and time.monotonic() < deadline:
+    while (running := len(client.sync(client.scheduler.ncores_running))) < n_workers:
+        if time.monotonic() > deadline:
+            raise WaitTimeout(
+                f"only {running} of the {n_workers} Dask workers were running after {timeout:g} s "
+                "(hpcshare.timeout): the others did not start or could not reach the scheduler"
+            )
         time.sleep(delay)
         delay = min(delay * 1.5, 0.1)
-    client.wait_for_workers(n_workers, timeout=max(deadline - time.monotonic(), 1e-3))
+    client.wait_for_workers(n_workers, timeout=max(deadline - time.monotonic(), 1.0))
 
 
 def _dashboard_served(dask_scheduler: Any) -> tuple[str, str, bool]:

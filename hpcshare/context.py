@@ -101,6 +101,8 @@ class ProcessState:
     ended: set[str] = dataclasses.field(default_factory=set)  #: generations of jobs that ended here
     #: rank 0 of ``hpcshare job``: the TLS certificates' maker the CLI started, for the job to take
     credentials: CredentialsMaker | None = None
+    #: the process that started this rank, as first recorded (``ending.end_with_launcher``); None before
+    launcher: int | None = None
 
 
 PROCESS = ProcessState()

@@ -66,7 +66,8 @@ def end_alone(code: int = 1) -> None:
 def launcher_gone() -> bool:
     """Whether the process that started this rank has died (local): MPI_Abort would hang then."""
     job = context.current()
-    return job is not None and job.launcher is not None and os.getppid() != job.launcher
+    launcher = job.launcher if job is not None and job.launcher is not None else context.PROCESS.launcher
+    return launcher is not None and os.getppid() != launcher
 
 
 def remove_scratch() -> None:
@@ -105,14 +106,16 @@ def _remove_all_but(folder: str, keep: str) -> None:
 
 
 def end_with_launcher(job: context.JobContext | None = None) -> None:
-    """Have the kernel send this rank SIGTERM when its launcher dies (local; Linux); ``job`` remembers the launcher.
+    """Have the kernel send this rank SIGTERM when its launcher dies (local; Linux); the process and ``job`` remember it.
 
     A batch system that SIGKILLs mpiexec and its proxy after the grace time
     would otherwise leave the ranks running on as orphans until ``main``
     ends. SIGTERM ends the job as scancel does (the CLI's handler unlinks
     the shared memory first; the watcher sweeps what is left).
     """
-    parent = os.getppid()
+    if context.PROCESS.launcher is None:  # hpcshare job records it before MPI starts, run() once more
+        context.PROCESS.launcher = os.getppid()
+    parent = context.PROCESS.launcher
     if job is not None:
         job.launcher = parent
     if not supervise.term_on_parent_death():

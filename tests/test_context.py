@@ -55,3 +55,20 @@ def test_runs_cannot_be_nested_in_one_process():
 def test_registering_outside_a_job_says_no_job_is_running():
     with pytest.raises(ResolveError, match="no hpcshare job"):
         registry.register("x", "ffffffffffff", np.zeros(1))
+
+
+def test_a_rank_knows_its_launcher_died_also_before_a_job_runs(monkeypatch):
+    # hpcshare job records the launcher before MPI starts, long before run() makes the job's context:
+    # a rank whose launcher died in between must not try MPI_Abort, which would hang without it
+    import os
+
+    from hpcshare import ending
+
+    assert context.current() is None
+    monkeypatch.setattr(context.PROCESS, "launcher", os.getppid())
+    assert not ending.launcher_gone()
+    monkeypatch.setattr(context.PROCESS, "launcher", os.getppid() + 1)  # another process started us: it died
+    assert ending.launcher_gone()
+    with context.running(context.JobContext(generation="g1")) as job:
+        job.launcher = os.getppid()  # the job's own record wins
+        assert not ending.launcher_gone()
