@@ -15,9 +15,10 @@ hpcshare gives Dask two things instead:
 - :func:`worker_memory_limit`: each worker's *private* budget, so that the
   node's private limits plus its shared bytes stay within the job's memory;
 - :class:`PrivateMemory`: a worker plugin after which the monitor measures
-  the worker's private memory (RSS less its resident shared-memory pages,
-  ``RssShmem``), plus its share of the objects put on its node, which come
-  out of the workers' budgets.
+  the worker's private memory (its resident anonymous pages, ``RssAnon``:
+  not the shared-memory pages of inputs and objects, nor the shared
+  libraries' clean pages), plus its share of the objects put on its node,
+  which come out of the workers' budgets.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
 __all__ = [
     "PrivateMemory",
     "check_room",
+    "file_memory",
     "job_memory",
     "node_memory_total",
     "private_memory",
@@ -146,8 +148,9 @@ def worker_memory_limit(topo: Topology, config: JobConfig, shared: int) -> int:
     With ``hpcshare.worker.memory-limit: auto``: the job's memory on this
     host, less the host's shared inputs (``shared`` per node), less what the
     host's other processes need (the scheduler's and the client's private
-    memory now, times 1.5, and 8 MiB a rank for the supervisors and the
-    watcher), divided among the host's workers. So the workers' limits, the
+    memory now, times 1.5, 8 MiB a rank for the supervisors and the
+    watcher, and the libraries' file pages, which the host holds once),
+    divided among the host's workers. So the workers' limits, the
     shared bytes and the other processes add up to the job's memory.
     :class:`PrivateMemory` makes Dask compare the limit with private memory
     only. An explicit limit is taken as it is; 0 means no limit (Dask's
@@ -163,19 +166,20 @@ def worker_memory_limit(topo: Topology, config: JobConfig, shared: int) -> int:
     """
     from distributed.system import MEMORY_LIMIT
 
-    is_worker, now = topo.role == "worker", private_memory()
-    # one round on the host: each rank's role, leadership and private memory now
-    ranks = topo.host.allgather((is_worker, topo.is_leader, now))
-    workers_here = sum(1 for worker, _, _ in ranks if worker)
-    nodes_here = sum(1 for _, leader, _ in ranks if leader)
-    others = sum(int(mem * OTHERS_GROWTH) for worker, _, mem in ranks if not worker)
-    largest_worker = max((mem for worker, _, mem in ranks if worker), default=0)
+    is_worker = topo.role == "worker"
+    # one round on the host: each rank's role, leadership, private memory and file pages now
+    ranks = topo.host.allgather((is_worker, topo.is_leader, private_memory(), file_memory()))
+    workers_here = sum(1 for worker, *_ in ranks if worker)
+    nodes_here = sum(1 for _, leader, *_ in ranks if leader)
+    others = sum(int(mem * OTHERS_GROWTH) for worker, _, mem, _ in ranks if not worker)
+    largest_worker = max((mem for worker, _, mem, _ in ranks if worker), default=0)
+    libraries = max(files for *_, files in ranks)  # the libraries' pages: the host holds them once
     if config.memory_limit == 0:
         return 0
     if config.memory_limit is not None:
         return max(min(config.memory_limit, int(MEMORY_LIMIT)), 1)
     total, source = job_memory()
-    reserve = others + PER_RANK * topo.host.Get_size()
+    reserve = others + libraries + PER_RANK * topo.host.Get_size()
     private = (total - shared * nodes_here - reserve) // max(workers_here, 1)
     need = int(WORKER_FLOOR * largest_worker)
     if workers_here and private < need:
@@ -184,8 +188,8 @@ def worker_memory_limit(topo: Topology, config: JobConfig, shared: int) -> int:
         from .errors import CapacityError
 
         raise CapacityError(
-            f"the inputs ({format_bytes(shared * nodes_here)} on this host) and the scheduler, client "
-            f"and supervisors ({format_bytes(reserve)}) leave each of the {workers_here} worker(s) on "
+            f"the inputs ({format_bytes(shared * nodes_here)} on this host) and the scheduler, client, "
+            f"supervisors and libraries ({format_bytes(reserve)}) leave each of the {workers_here} worker(s) on "
             f"this host {format_bytes(max(private, 0))} of the job's {format_bytes(total)} ({source}); "
             f"a worker needs at least {format_bytes(need)} (twice the {format_bytes(largest_worker)} it "
             "uses before any task). Ask for more memory per node, run fewer ranks per node, or use "
@@ -195,24 +199,42 @@ def worker_memory_limit(topo: Topology, config: JobConfig, shared: int) -> int:
 
 
 def private_memory(pid: int | str = "self") -> int:
-    """Process ``pid``'s resident memory less its resident shared-memory pages, in bytes (local).
+    """Process ``pid``'s private memory: its resident anonymous pages, in bytes (local).
 
-    ``RssShmem`` (``/proc/self/status``) counts pages of tmpfs and shared
-    anonymous mappings: the MPI windows of the inputs and the objects in
-    /dev/shm. Where it is missing (kernels before 4.5), the RSS.
+    ``RssAnon`` (``/proc/PID/status``): the heap, stacks, and the pages the
+    process has copied (written library data). Not counted: ``RssShmem``
+    (tmpfs files and shared anonymous mappings: the MPI windows of the
+    inputs, the objects in /dev/shm, the MPI library's segments) and
+    ``RssFile`` (:func:`file_memory`). Where ``RssAnon`` is missing (kernels
+    before 4.5), the RSS.
     """
-    fields: dict[str, int] = {}
+    anon = _status(pid, "RssAnon")
+    if anon is None:
+        return int(psutil.Process(None if pid == "self" else int(pid)).memory_info().rss)
+    return anon
+
+
+def file_memory(pid: int | str = "self") -> int:
+    """Process ``pid``'s resident pages of files, ``RssFile``, in bytes; 0 where unknown (local).
+
+    Clean pages of shared libraries and mapped files: the node holds them
+    once for all its processes, and the kernel can drop them. How many of
+    them a process has mapped varies from run to run by several MiB.
+    """
+    return _status(pid, "RssFile") or 0
+
+
+def _status(pid: int | str, field: str) -> int | None:
+    """One ``kB`` field of ``/proc/PID/status``, in bytes; None if it is missing."""
+    key = field.encode() + b":"
     try:
         with open(f"/proc/{pid}/status", "rb") as f:
             for line in f:
-                if line.startswith((b"VmRSS:", b"RssShmem:")):
-                    name, value = line.split(b":", 1)
-                    fields[name.decode()] = int(value.split()[0]) * 1024
-    except (OSError, ValueError):
+                if line.startswith(key):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
         pass
-    if "VmRSS" not in fields:
-        return int(psutil.Process(None if pid == "self" else int(pid)).memory_info().rss)
-    return fields["VmRSS"] - fields.get("RssShmem", 0)
+    return None
 
 
 class PrivateMemory(WorkerPlugin):

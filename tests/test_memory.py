@@ -65,6 +65,28 @@ def test_job_memory_is_the_lowest_of_the_machine_the_cgroup_and_slurm():
     assert job_memory(both) == (1000 * MIB, "Slurm's --mem (1000 MiB)")
 
 
+def test_private_memory_counts_what_a_process_allocates_not_the_files_it_maps(tmp_path):
+    """Pages of a mapped file (as of the shared libraries, held once per node) are not a worker's
+    private memory; bytes it allocates are."""
+    import mmap
+
+    import numpy as np
+
+    from hpcshare.memory import file_memory, private_memory
+
+    size = 64 * MIB
+    (tmp_path / "data").write_bytes(b"\1" * size)
+    with open(tmp_path / "data", "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        before, files_before = private_memory(), file_memory()
+        assert sum(m[i] for i in range(0, size, 4096)) == size // 4096  # every page read
+        assert file_memory() - files_before > size // 2
+        assert private_memory() - before < 8 * MIB
+    before = private_memory()
+    held = np.ones(size // 8)
+    assert private_memory() - before > size * 0.9
+    del held
+
+
 @pytest.mark.usefixtures("clean_shm")
 def test_workers_reading_an_input_over_70_percent_of_the_job_memory_are_not_paused(tmp_path):
     """An input of 72% of a 2 GiB Slurm budget, read in full by both workers: RSS far above the
