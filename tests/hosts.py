@@ -330,8 +330,29 @@ class Hosts:
         """Cut ``host``'s link to the others: its end of the veth into the bridge goes down."""
         _sh("ip", "link", "set", f"{PREFIX}{self.id}v{self.names.index(host)}", "down")
 
-    def link_up(self, host: str) -> None:
-        _sh("ip", "link", "set", f"{PREFIX}{self.id}v{self.names.index(host)}", "up")
+    def link_up(self, host: str, timeout: float = 10) -> None:
+        """Restore ``host``'s link; return once frames pass again (a job started at once would
+        otherwise fail in MPI_Init: "No route to host")."""
+        veth = f"{PREFIX}{self.id}v{self.names.index(host)}"
+        _sh("ip", "link", "set", veth, "up")
+        deadline = time.monotonic() + timeout
+        while not self._link_passes(veth, host):
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"{host}'s link does not pass frames {timeout} s after ip link set {veth} up"
+                )
+            time.sleep(0.05)
+        for name in self.names:  # neighbours that went unanswered while the link was down
+            _sh("ip", "-n", name, "neigh", "flush", "all")
+
+    @staticmethod
+    def _link_passes(veth: str, host: str) -> bool:
+        """Both ends of ``host``'s veth are up and the bridge forwards on it (state 3)."""
+        sys_dir = Path("/sys/class/net", veth)
+        outside = (sys_dir / "operstate").read_text().strip() == "up"
+        forwarding = (sys_dir / "brport" / "state").read_text().strip() == "3"
+        inside = "state UP" in _sh("ip", "-n", host, "-o", "link", "show", "eth0").stdout
+        return outside and forwarding and inside
 
     def processes(self, host: str) -> list[psutil.Process]:
         """Every live process of ``host`` (those in its network namespace)."""
