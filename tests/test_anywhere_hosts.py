@@ -32,7 +32,7 @@ from daskprocs import DaskProcesses, RemoteError, objects_here, on_each, traffic
 from distributed import Client
 
 import hpcshare
-from hpcshare.anywhere import api, files
+from hpcshare.anywhere import api, files, lifetimes
 from hpcshare.errors import ResolveError
 
 S = 64 * 2**20  # the object's array: 64 MiB
@@ -129,7 +129,28 @@ def cluster(hosts, tmp_path_factory):
         time.monotonic() < deadline
     ):
         time.sleep(0.2)
-    assert not left, f"left behind in the hosts' /dev/shm once the cluster ended: {left}\n{dask.logs()}"
+    assert not left, (
+        f"left behind in the hosts' /dev/shm once the cluster ended: {left}\n"
+        f"held by: {_holders(two, left)}\n{dask.logs()}"
+    )
+
+
+def _holders(hosts, left: dict[str, dict[str, int]]) -> dict[str, list[str]]:
+    """Who holds each left-behind file with a lock (pid and command line): why nobody swept it."""
+    import psutil
+
+    def who(pid: int) -> str:
+        try:
+            proc = psutil.Process(pid)
+            return f"{pid} ({proc.status()}): {' '.join(proc.cmdline())[:160]}"
+        except psutil.Error:
+            return f"{pid} (gone)"
+
+    return {
+        f"{h}:{name}": [who(pid) for pid in lifetimes.holders(str(hosts.shm(h) / name)) or []]
+        for h, names in left.items()
+        for name in names
+    }
 
 
 @pytest.fixture

@@ -1,10 +1,10 @@
 """A group's copies of objects: writing one file completely or not at all, and mapping it.
 
 :func:`write` makes an object's file the only way this path makes one: as
-a ``.part`` file (0600, ``O_EXCL``, its blocks allocated first, so a full
-file system is a :class:`~hpcshare.CapacityError` and never a SIGBUS),
-held with an exclusive ``flock`` while it is written, then renamed into
-place. A reader therefore finds either the whole object or none, and a
+a ``.part`` file (0600, its blocks allocated first, so a full file system
+is a :class:`~hpcshare.CapacityError` and never a SIGBUS), held with an
+exclusive ``flock`` from before it appears under its name until it is
+written, then renamed into place. A reader therefore finds either the whole object or none, and a
 writer that dies leaves a ``.part`` that the next sweep removes.
 
 :class:`Copies` is what a worker resolved: each object decoded once per
@@ -58,9 +58,8 @@ def write(member: Member, name: str, nbytes: int, fill: Callable[[memoryview], N
     the file system has no room.
     """
     part = files.part_path(member.shm_dir, member.cluster, name)
-    fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    fd = _create_locked(part, member.shm_dir)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
         store.allocate(fd, nbytes, f"{what}: {member.shm_dir} on host {member.host}", "." + _ELSEWHERE)
         mm = mmap.mmap(fd, max(nbytes, 1))
         try:
@@ -78,6 +77,45 @@ def write(member: Member, name: str, nbytes: int, fill: Callable[[memoryview], N
         raise
     finally:
         os.close(fd)
+
+
+def _create_locked(part: str, directory: str) -> int:
+    """A new 0600 file at ``part``, locked exclusively before it appears there (local).
+
+    A ``.part`` that nobody has locked is one whose writer died, and a
+    waiting fetcher or a sweep unlinks it: made in place and then locked,
+    a new ``.part`` would be unlocked for a moment, and a waiter that looked
+    then unlinked it under its writer (whose rename then failed with
+    FileNotFoundError). So it is made unnamed (``O_TMPFILE``), locked, and
+    then linked into place, which fails with FileExistsError if another
+    writer's ``.part`` is there. Where that cannot be done (a file system
+    without ``O_TMPFILE``, an overlay that refuses the link, no /proc) the
+    file is made in place and locked at once.
+    """
+    try:
+        fd = os.open(directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    except OSError:
+        fd = -1
+    if fd >= 0:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            fds = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:  # linkat(AT_SYMLINK_FOLLOW) of /proc/self/fd/N: the unnamed file itself
+                os.link(str(fd), part, src_dir_fd=fds, follow_symlinks=True)
+            finally:
+                os.close(fds)
+            return fd
+        except FileExistsError:
+            os.close(fd)  # an unnamed file goes with its last fd
+            raise
+        except OSError:
+            os.close(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+    fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
 
 
 def map_copy(path: str, private: bool = False) -> memoryview:

@@ -15,7 +15,11 @@ it open with a shared ``flock``. The kernel drops a dead process's lock
 whatever killed it, so a marker nobody holds belongs to a group that is
 gone, and anyone who can lock it exclusively may sweep its files
 (:mod:`hpcshare.anywhere.lifetimes`). A joiner that finds the marker
-unlinked under it (swept meanwhile) starts over. Local, no MPI.
+unlinked under it (swept meanwhile) starts over. A sweep fails while any
+other process holds the marker, even for a moment, so every process that
+drops its lock, or that locked the marker only to see whether the group is
+alive, sweeps afterwards: the last of them finds it free and removes the
+group's files. Local, no MPI.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import socket
 from collections.abc import Iterator
 
 from ..sync import poll
-from . import files
+from . import files, lifetimes
 
 __all__ = ["Member", "join", "joined", "probe", "shm_dir"]
 
@@ -129,10 +133,14 @@ def _join(shm_dir: str, cluster: str, *, create: bool, timeout: float = 30.0) ->
             if not create:  # a client: a marker nobody holds is a dead group's, not one to write into
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    os.close(fd)
-                    return None
                 except BlockingIOError:
                     pass
+                else:
+                    # the group is dead, and its last member's sweep may have failed on this very
+                    # lock: sweep it (once our lock is dropped, or the sweep would fail on it too)
+                    os.close(fd)
+                    lifetimes.sweep(shm_dir, cluster)
+                    return None
             _lock_shared(fd, path, timeout)
             if _still_linked(fd, path):
                 token = os.pread(fd, 64, 0).decode()
@@ -149,8 +157,15 @@ def probe(shm_dir: str, cluster: str) -> str | None:
     member = _join(shm_dir, cluster, create=False)
     if member is None:
         return None
-    member.leave()
+    _leave_and_sweep(member)
     return member.group
+
+
+def _leave_and_sweep(member: Member) -> None:
+    """Leave, and sweep the group if we were its last holder: a member that left meanwhile found
+    our lock and could not sweep."""
+    member.leave()
+    lifetimes.sweep(member.shm_dir, member.cluster)
 
 
 @contextlib.contextmanager
@@ -161,4 +176,4 @@ def joined(shm_dir: str, cluster: str) -> Iterator[Member | None]:
         yield member
     finally:
         if member is not None:
-            member.leave()
+            _leave_and_sweep(member)

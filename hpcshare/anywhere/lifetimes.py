@@ -21,11 +21,12 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import time
 from collections.abc import Iterator
 
 from . import files
 
-__all__ = ["sweep"]
+__all__ = ["holders", "sweep", "sweep_when_unheld"]
 
 
 @contextlib.contextmanager
@@ -104,3 +105,59 @@ def sweep(shm_dir: str, cluster: str | None = None) -> list[str]:
     for name, found in sorted(by_cluster.items()):
         _sweep_cluster(shm_dir, name, found, removed)
     return sorted(set(removed))
+
+
+def holders(path: str) -> list[int] | None:
+    """The pids that hold an ``flock`` on file ``path``, from ``/proc/locks``; None if unknown (local).
+
+    A pid is 0 when the holder is in another pid namespace.
+    """
+    try:
+        st = os.stat(path, follow_symlinks=False)
+        with open("/proc/locks") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    device = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    found = []
+    for line in lines:
+        fields = line.split()
+        # "1: FLOCK  ADVISORY  READ  1234 00:1a:5678 0 EOF"; blocked waiters are "1: -> FLOCK ..."
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == device:
+            found.append(int(fields[4]))
+    return found
+
+
+def _ending(pid: int) -> bool:
+    """Whether process ``pid`` has ended or is ending: gone, or a zombie whose last threads are
+    still exiting (and may still hold its files)."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+    except psutil.NoSuchProcess:
+        return True
+    except psutil.Error:
+        return False
+
+
+def sweep_when_unheld(shm_dir: str, cluster: str, timeout: float = 10.0) -> list[str]:
+    """Sweep ``cluster``'s group in ``shm_dir``; while its marker is held only by processes that
+    are ending (workers killed together, whose last threads still exit), try again, for up to
+    ``timeout`` seconds (local).
+
+    Returns at once when a live process holds the marker: that member sweeps as it leaves.
+    """
+    marker = files.marker_path(shm_dir, cluster)
+    deadline = time.monotonic() + timeout
+    removed: list[str] = []
+    while True:
+        removed += sweep(shm_dir, cluster)
+        if not os.path.lexists(marker):
+            return sorted(set(removed))
+        held_by = holders(marker)
+        if held_by is None or any(pid == 0 or not _ending(pid) for pid in held_by):
+            return sorted(set(removed))
+        if time.monotonic() > deadline:
+            return sorted(set(removed))
+        time.sleep(0.05)

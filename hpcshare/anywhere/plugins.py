@@ -247,16 +247,22 @@ class NannySide(NannyPlugin):
             # again once that process has ended. Not a daemon: the nanny's process waits for it.
             process = nanny.process.process if nanny.process is not None else None
             pid = process.pid if process is not None else None
-            if pid is not None and _alive(pid):
-                threading.Thread(target=self._sweep_after, args=(pid,), name="hpcshare-nanny-sweep").start()
+            threading.Thread(target=self._sweep_after, args=(pid,), name="hpcshare-nanny-sweep").start()
 
-    def _sweep_after(self, pid: int) -> None:
-        """Sweep the group (if nobody holds it any more) once process ``pid`` has ended."""
-        try:
-            poll(lambda: not _alive(pid), timeout=_WORKER_END, what=f"worker process {pid} to end")
-        except WaitTimeout:  # still alive: it holds the group itself, and sweeps as it leaves
-            return
-        lifetimes.sweep(self.member.shm_dir, self.cluster)
+    def _sweep_after(self, pid: int | None) -> None:
+        """Sweep the group once worker process ``pid`` has ended (if nobody else holds it then).
+
+        Workers that Dask kills together end a few milliseconds apart, so
+        the first to end finds the others still holding the marker: the
+        sweep tries again while only ending processes (gone, or zombies whose
+        last threads still exit) hold it (:func:`.lifetimes.sweep_when_unheld`).
+        """
+        if pid is not None:
+            try:
+                poll(lambda: not _alive(pid), timeout=_WORKER_END, what=f"worker process {pid} to end")
+            except WaitTimeout:  # still alive: it holds the group itself, and sweeps as it leaves
+                return
+        lifetimes.sweep_when_unheld(self.member.shm_dir, self.cluster)
 
     def _swap_memory_check(self, nanny: Nanny) -> None:
         """Run Dask's restart check only when the worker's private memory is over the threshold.
