@@ -51,6 +51,7 @@ __all__ = [
     "mapped_shm_files",
     "names",
     "orphaned_names",
+    "running",
     "sweep_orphans",
     "unlink_mapped",
 ]
@@ -254,8 +255,8 @@ class Watcher:
         return None
 
 
-def _alive(pid: int) -> bool:
-    """Whether ``pid`` runs and is not a zombie (a zombie maps nothing any more)."""
+def running(pid: int) -> bool:
+    """Whether ``pid`` runs and is not a zombie (a zombie maps nothing, and holds no files, any more)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -291,7 +292,7 @@ def _watch(argv: list[str]) -> int:
         p.rstrip("/"): _identity(p.rstrip("/")) for p in argv[1:] if p.endswith("/")
     }  # with all they hold
     shm_dir = os.path.dirname(([*paths] or [SHM_DIR + "/"])[0])
-    while live := [p for p in pids if _alive(p)]:
+    while live := [p for p in pids if running(p)]:
         # files the MPI library (any of them) creates while the job runs: whatever the ranks map
         for pid in live:
             paths.update({f: _identity(f) for f in mapped_shm_files(shm_dir, pid) if f not in paths})

@@ -24,6 +24,7 @@ import os
 import time
 from collections.abc import Iterator
 
+from ..shm import running
 from . import files
 
 __all__ = ["holders", "sweep", "sweep_when_unheld"]
@@ -128,19 +129,6 @@ def holders(path: str) -> list[int] | None:
     return found
 
 
-def _ending(pid: int) -> bool:
-    """Whether process ``pid`` has ended or is ending: gone, or a zombie whose last threads are
-    still exiting (and may still hold its files)."""
-    import psutil
-
-    try:
-        return psutil.Process(pid).status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
-    except psutil.NoSuchProcess:
-        return True
-    except psutil.Error:
-        return False
-
-
 def sweep_when_unheld(shm_dir: str, cluster: str, timeout: float = 10.0) -> list[str]:
     """Sweep ``cluster``'s group in ``shm_dir``; while its marker is held only by processes that
     are ending (workers killed together, whose last threads still exit), try again, for up to
@@ -153,11 +141,10 @@ def sweep_when_unheld(shm_dir: str, cluster: str, timeout: float = 10.0) -> list
     removed: list[str] = []
     while True:
         removed += sweep(shm_dir, cluster)
-        if not os.path.lexists(marker):
-            return sorted(set(removed))
+        if not os.path.lexists(marker) or time.monotonic() > deadline:
+            break
         held_by = holders(marker)
-        if held_by is None or any(pid == 0 or not _ending(pid) for pid in held_by):
-            return sorted(set(removed))
-        if time.monotonic() > deadline:
-            return sorted(set(removed))
+        if held_by is None or any(pid == 0 or running(pid) for pid in held_by):
+            break
         time.sleep(0.05)
+    return sorted(set(removed))
