@@ -107,6 +107,7 @@ def job_memory(environ: Mapping[str, str] | None = None) -> tuple[int, str]:
 
 
 OTHERS_GROWTH = 1.5  #: the scheduler's and client's private memory before Dask starts, times this
+OTHERS_FLOOR = 100 * MIB  #: but at least this for each: they grow once Dask runs (task state, main)
 PER_RANK = 8 * MIB  #: each rank's supervisor and the host's watcher, per rank
 WORKER_FLOOR = 2.0  #: a worker's budget must be at least this many times what it uses before any task
 
@@ -148,7 +149,7 @@ def worker_memory_limit(topo: Topology, config: JobConfig, shared: int) -> int:
     With ``hpcshare.worker.memory-limit: auto``: the job's memory on this
     host, less the host's shared inputs (``shared`` per node), less what the
     host's other processes need (the scheduler's and the client's private
-    memory now, times 1.5, 8 MiB a rank for the supervisors and the
+    memory now, times 1.5 and at least 100 MiB each, 8 MiB a rank for the supervisors and the
     watcher, and the libraries' file pages, which the host holds once),
     divided among the host's workers. So the workers' limits, the
     shared bytes and the other processes add up to the job's memory.
@@ -171,7 +172,7 @@ def worker_memory_limit(topo: Topology, config: JobConfig, shared: int) -> int:
     ranks = topo.host.allgather((is_worker, topo.is_leader, private_memory(), file_memory()))
     workers_here = sum(1 for worker, *_ in ranks if worker)
     nodes_here = sum(1 for _, leader, *_ in ranks if leader)
-    others = sum(int(mem * OTHERS_GROWTH) for worker, _, mem, _ in ranks if not worker)
+    others = sum(max(int(mem * OTHERS_GROWTH), OTHERS_FLOOR) for worker, _, mem, _ in ranks if not worker)
     largest_worker = max((mem for worker, _, mem, _ in ranks if worker), default=0)
     libraries = max(files for *_, files in ranks)  # the libraries' pages: the host holds them once
     if config.memory_limit == 0:
