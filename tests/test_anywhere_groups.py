@@ -231,7 +231,6 @@ def test_the_last_member_leaving_while_a_client_looks_leaves_nothing_behind(tmp_
     # a worker (the group's last member) that left while a client held the marker, for a put or
     # a resolve or only to test whether the group was alive, found it locked and could not sweep;
     # the client then dropped its lock without sweeping, and the group's files stayed for good
-    # (a hosts test's host /dev/shm, once in CI and once in 9 runs here)
     import fcntl
 
     shm, cluster = str(tmp_path), files.new_token()

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import threading
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -50,6 +51,7 @@ FREED = (
 CLIENT_GONE = "the client that put it ({client}) closed or disconnected, which frees its objects."
 CLUSTER_GONE = "the cluster that held it has closed."
 _WORKER_END = 60.0  # s a closing nanny waits for its worker process to end, to sweep after it
+_NANNY_SIDES: weakref.WeakKeyDictionary[Nanny, NannySide] = weakref.WeakKeyDictionary()  #: each nanny's own
 
 
 @dataclasses.dataclass
@@ -229,18 +231,33 @@ class NannySide(NannyPlugin):
         where = groups.shm_dir()
         lifetimes.sweep(where)
         self.member = groups.join(where, self.cluster)
+        # Dask's Nanny.plugin_add replaces a plugin of the same name without tearing the old one
+        # down (a nanny that registers while the plugin is being registered gets it twice): the
+        # old one's lock would live as long as the nanny's process, and nobody would sweep after
+        replaced = _NANNY_SIDES.get(nanny)
+        if replaced is not None:
+            replaced._release(nanny)
+        _NANNY_SIDES[nanny] = self
         self._swap_memory_check(nanny)
 
-    def teardown(self, nanny: Nanny) -> None:
+    def _release(self, nanny: Nanny) -> None:
+        """Give Dask its own memory check back (running if ours ran) and leave the group."""
         callbacks = nanny.periodic_callbacks
-        if self._dask_check is not None:  # Dask's own check back, running if ours ran
+        if self._dask_check is not None:
             ours = callbacks.get("memory_monitor")
             if ours is not None and ours.is_running():
                 ours.stop()
                 self._dask_check.start()
             callbacks["memory_monitor"] = self._dask_check
+            self._dask_check = None
         if hasattr(self, "member"):
             self.member.leave()
+
+    def teardown(self, nanny: Nanny) -> None:
+        if _NANNY_SIDES.get(nanny) is self:
+            del _NANNY_SIDES[nanny]
+        self._release(nanny)
+        if hasattr(self, "member"):
             lifetimes.sweep(self.member.shm_dir, self.cluster)  # a worker that closes later sweeps too
             # Dask tears nanny plugins down before it stops the worker process, and kills a worker
             # that does not close in time: then the worker's own teardown never runs, so sweep
